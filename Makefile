@@ -1,0 +1,33 @@
+# FedSegNet: `make demo` runs a whole federation on this machine; `make test` runs the test suite.
+# Both start with `make setup`, which is idempotent (it reinstalls only when pyproject.toml changes).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedsegnet-installed
+# Pinned: on these machines torch==2.13.0 is the CPU wheel on local disk; an unpinned torch would
+# pull a multi-GB CUDA build. Override on GPU hosts, e.g. `make setup TORCH_SPEC=torch==2.13.0+cu128`.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test protos lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/fedseg simulate --workdir runs/demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+protos: setup
+	$(BIN)/python -m protos.generate
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,216 @@
+"""The federation's configuration: one TOML file, read by the aggregator and by ``fedseg simulate``.
+
+Sites never read this file: they receive what they need (model, training and codec settings) in
+every round's ``TrainingConfig``, so one file at the aggregator configures the whole federation.
+
+Example (every key optional; the defaults are below)::
+
+    [federation]
+    id = "demo"
+    rounds = 3
+    min_clients = 2          # a deadline can close a round once this many submitted
+    max_clients = 3          # this many submissions close a round at once
+    round_timeout_s = 600
+    sites = ["site-1", "site-2", "site-3"]   # empty: any site may join
+    max_update_bytes = 0     # 0: 2 x the dense fp32 model + 1 MiB
+
+    [aggregation]
+    strategy = "fedavg"      # fedavg | mean | median | trimmed_mean | fedadam | aam
+    # and the strategy's options (aggregation.StrategyConfig), e.g. trim_fraction = 0.2, or
+    # [aggregation.aam] max_weight = 0.5 (aam.AAMConfig)
+
+    [training]
+    local_epochs = 1
+    learning_rate = 1e-4
+    batch_size = 2
+    fedprox_mu = 0.0
+    lambda_dice = 0.5
+    seed = 0
+
+    [model]
+    architecture = "transformer_unet"
+    in_channels = 1
+    out_channels = 4
+    img_size = [48, 48, 48]
+    [model.options]
+    channels = [8, 16, 32]
+
+    [codec]
+    top_k_fraction = 1.0
+    quantization = "fp32"
+    zstd_level = 3
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from aggregator_service.aggregation import StrategyConfig
+from codec import CodecSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A federation configuration that cannot be used; the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network every site builds (see ``model.build_model``)."""
+
+    architecture: str = "transformer_unet"
+    in_channels: int = 1
+    out_channels: int = 4
+    img_size: tuple[int, int, int] = (48, 48, 48)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.architecture:
+            raise ConfigError("model.architecture must name a registered network, got an empty string")
+        if self.in_channels < 1:
+            raise ConfigError(f"model.in_channels must be >= 1, got {self.in_channels}")
+        if self.out_channels < 2:
+            raise ConfigError(f"model.out_channels must be >= 2 (background + a class), got {self.out_channels}")
+        if len(self.img_size) != 3 or any(int(s) < 1 for s in self.img_size):
+            raise ConfigError(f"model.img_size must be three positive sizes (D, H, W), got {list(self.img_size)}")
+        object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What each site does in a round."""
+
+    local_epochs: int = 1
+    learning_rate: float = 1e-4
+    batch_size: int = 2
+    fedprox_mu: float = 0.0
+    lambda_dice: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.local_epochs < 1:
+            raise ConfigError(f"training.local_epochs must be >= 1, got {self.local_epochs}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+        if self.batch_size < 1:
+            raise ConfigError(f"training.batch_size must be >= 1, got {self.batch_size}")
+        if self.fedprox_mu < 0:
+            raise ConfigError(f"training.fedprox_mu must be >= 0, got {self.fedprox_mu}")
+        if not 0.0 <= self.lambda_dice <= 1.0:
+            raise ConfigError(f"training.lambda_dice must be in [0, 1], got {self.lambda_dice}")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Everything the aggregator needs to run a federation."""
+
+    federation_id: str = "fedsegnet"
+    rounds: int = 3
+    min_clients: int = 2
+    max_clients: int = 2
+    round_timeout_s: float = 600.0
+    sites: tuple[str, ...] = ()
+    max_update_bytes: int = 0
+    strategy: str = "fedavg"
+    strategy_options: Mapping[str, Any] = field(default_factory=dict)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    codec: CodecSpec = field(default_factory=CodecSpec)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"federation.rounds must be >= 1, got {self.rounds}")
+        if self.min_clients < 1:
+            raise ConfigError(f"federation.min_clients must be >= 1, got {self.min_clients}")
+        if self.max_clients < self.min_clients:
+            raise ConfigError(
+                f"federation.max_clients ({self.max_clients}) must be >= min_clients ({self.min_clients})"
+            )
+        if self.sites and len(self.sites) < self.min_clients:
+            raise ConfigError(
+                f"federation.sites lists {len(self.sites)} sites but min_clients is {self.min_clients}"
+            )
+        if len(set(self.sites)) != len(self.sites):
+            raise ConfigError(f"federation.sites has duplicates: {list(self.sites)}")
+        if not self.round_timeout_s > 0:
+            raise ConfigError(f"federation.round_timeout_s must be > 0, got {self.round_timeout_s}")
+        if self.max_update_bytes < 0:
+            raise ConfigError(f"federation.max_update_bytes must be >= 0, got {self.max_update_bytes}")
+        try:
+            StrategyConfig.from_mapping({"name": self.strategy, **self.strategy_options})
+        except ValueError as exc:
+            raise ConfigError(f"[aggregation]: {exc}") from None
+
+    def to_json(self) -> str:
+        """A canonical JSON form, stored with the federation so a restart can detect a changed config."""
+        return json.dumps(asdict(self), sort_keys=True, default=list)
+
+
+_SECTION_KEYS: dict[str, set[str]] = {
+    "federation": {"id", "rounds", "min_clients", "max_clients", "round_timeout_s", "sites", "max_update_bytes"},
+    "aggregation": {"strategy"},  # and the strategy's own options, passed through
+    "training": {f.name for f in fields(TrainingSettings)},
+    "model": {f.name for f in fields(ModelConfig)},
+    "codec": {f.name for f in fields(CodecSpec)},
+}
+
+
+def parse_federation_config(data: Mapping[str, Any], *, source: str = "<config>") -> FederationConfig:
+    """Build a :class:`FederationConfig` from parsed TOML, refusing unknown sections and keys."""
+    unknown_sections = set(data) - set(_SECTION_KEYS)
+    if unknown_sections:
+        raise ConfigError(
+            f"{source}: unknown section(s) {sorted(unknown_sections)}; allowed: {sorted(_SECTION_KEYS)}"
+        )
+    for section, allowed in _SECTION_KEYS.items():
+        if section == "aggregation":
+            continue
+        extra = set(data.get(section, {})) - allowed
+        if extra:
+            raise ConfigError(f"{source}: unknown key(s) {sorted(extra)} in [{section}]; allowed: {sorted(allowed)}")
+
+    fed = dict(data.get("federation", {}))
+    agg = dict(data.get("aggregation", {}))
+    try:
+        model_data = dict(data.get("model", {}))
+        if "img_size" in model_data:
+            model_data["img_size"] = tuple(model_data["img_size"])
+        codec_data = dict(data.get("codec", {}))
+        return FederationConfig(
+            federation_id=str(fed.get("id", "fedsegnet")),
+            rounds=int(fed.get("rounds", 3)),
+            min_clients=int(fed.get("min_clients", 2)),
+            max_clients=int(fed.get("max_clients", fed.get("min_clients", 2))),
+            round_timeout_s=float(fed.get("round_timeout_s", 600.0)),
+            sites=tuple(str(s) for s in fed.get("sites", ())),
+            max_update_bytes=int(fed.get("max_update_bytes", 0)),
+            strategy=str(agg.pop("strategy", "fedavg")),
+            strategy_options=agg,
+            training=TrainingSettings(**data.get("training", {})),
+            model=ModelConfig(**model_data),
+            codec=CodecSpec(**codec_data),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_federation_config(path: str | Path) -> FederationConfig:
+    """Read and validate a federation TOML file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"federation config {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"federation config {path} is not valid TOML: {exc}") from None
+    return parse_federation_config(data, source=str(path))

@@ -1,0 +1,242 @@
+"""The ``aggregator-service`` process: a gRPC server over a store directory.
+
+:class:`Aggregator` sequences the plain functions of ``rounds.py`` under one lock and runs the
+thread that closes rounds (on the last expected submission, or at the deadline). It holds no
+federation state: everything it knows it reads from the store, so ``kill -9`` and a restart on
+the same ``--store`` continue the same round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from aggregator_service import rounds
+from aggregator_service.config import ConfigError, FederationConfig, load_federation_config
+from aggregator_service.errors import AggregatorError, StoreError
+from aggregator_service.servicer import AggregatorServicer
+from aggregator_service.store import Store
+from protos.fedsegnet.v1 import aggregator_pb2 as pb
+from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc
+
+log = logging.getLogger("aggregator_service")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AggregatorService"].full_name
+# Frames are at most 1 MiB; a message carries one frame plus a few fields.
+MAX_MESSAGE_BYTES = 4 << 20
+DEFAULT_LISTEN = "0.0.0.0:50051"
+
+
+class Aggregator:
+    """The round lifecycle over one store, safe to call from the server's threads."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: FederationConfig,
+        *,
+        initial_model: Path | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._stopping = False
+        with self._lock:
+            rounds.initialize(store, config, initial_model, now=clock())
+
+    # -- reads -------------------------------------------------------------------------------
+    def current_round(self) -> rounds.RoundView:
+        with self._lock:
+            return rounds.current_round(self.store, self.config)
+
+    def join(self, site: str) -> rounds.RoundView:
+        with self._lock:
+            return rounds.join(self.store, self.config, site)
+
+    def status(self) -> dict:
+        with self._lock:
+            return rounds.status(self.store, self.config)
+
+    def round_metrics(self, round_id: int) -> dict:
+        with self._lock:
+            return rounds.round_metrics(self.store, self.config, round_id)
+
+    def download(self, round_id: int, site: str) -> tuple[int, Iterator[bytes], str]:
+        with self._lock:
+            resolved, path, digest = rounds.model_for_download(self.store, round_id)
+        return resolved, self._counted(rounds.iter_model_frames(path)), digest
+
+    def _counted(self, frames: Iterator[bytes]) -> Iterator[bytes]:
+        sent = 0
+        try:
+            for frame in frames:
+                sent += len(frame)
+                yield frame
+        finally:
+            with self._lock:
+                rounds.record_bytes_out(self.store, sent)
+
+    # -- writes ------------------------------------------------------------------------------
+    def submit(self, header: rounds.UpdateHeader, parts: Iterable[bytes | rounds.UpdateCommit]) -> rounds.Receipt:
+        # Spooling and verifying run outside the lock: uploads from many sites proceed in parallel.
+        spool, record = rounds.spool_update(self.store, self.config, header, parts)
+        with self._lock:
+            receipt = rounds.commit_update(self.store, self.config, spool, record, now=self.clock())
+            self._wake.notify_all()
+        log.info(
+            "round %d: %s update from %s (%d bytes, %d submission(s))",
+            receipt.round_id, "duplicate" if receipt.duplicate else "committed", header.site,
+            receipt.bytes_received, receipt.submissions,
+        )
+        return receipt
+
+    def count_rejection(self, error: AggregatorError) -> None:
+        try:
+            with self._lock:
+                rounds.record_rejection(self.store, error.reason)
+        except OSError:  # a full disk must not turn a clear refusal into an internal error
+            log.exception("could not count a rejection")
+
+    def close_if_due(self) -> dict | None:
+        with self._lock:
+            if rounds.due_to_close(self.store, self.config, now=self.clock()):
+                return rounds.close_round(self.store, self.config, now=self.clock())
+        return None
+
+    # -- the closer thread -------------------------------------------------------------------
+    def run_closer(self, poll_s: float = 0.5) -> None:
+        """Close rounds when due until :meth:`stop`; woken at once by each commit."""
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                self._wake.wait(timeout=poll_s)
+                if self._stopping:
+                    return
+            try:
+                self.close_if_due()
+            except Exception:  # keep serving; the next tick retries the close
+                log.exception("closing the round failed; retrying")
+                time.sleep(poll_s)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+
+
+@dataclass
+class RunningServer:
+    """A started server: its port, the aggregator, and how to stop both."""
+
+    server: grpc.Server
+    aggregator: Aggregator
+    port: int
+    closer: threading.Thread
+    health: health.HealthServicer
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.aggregator.stop()
+        self.server.stop(grace).wait()
+        self.closer.join(timeout=5)
+
+
+def serve(
+    aggregator: Aggregator,
+    listen: str = DEFAULT_LISTEN,
+    *,
+    max_workers: int = 16,
+    credentials: grpc.ServerCredentials | None = None,
+) -> RunningServer:
+    """Start the gRPC server (aggregator, health, reflection) and the closer thread."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    pb_grpc.add_AggregatorServiceServicer_to_server(AggregatorServicer(aggregator), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"could not bind {listen}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    closer = threading.Thread(target=aggregator.run_closer, name="round-closer", daemon=True)
+    closer.start()
+    return RunningServer(server, aggregator, port, closer, health_servicer)
+
+
+def _parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(
+        prog="aggregator-service",
+        description="FedSegNet aggregator: runs the federation's rounds over gRPC; all state lives in --store.",
+    )
+    p.add_argument("--config", default=env("FEDSEG_CONFIG"), help="federation TOML file [env FEDSEG_CONFIG]")
+    p.add_argument("--store", default=env("FEDSEG_STORE", "./aggregator-store"),
+                   help="directory holding all state (a PersistentVolume on Kubernetes) [env FEDSEG_STORE]")
+    p.add_argument("--listen", default=env("FEDSEG_LISTEN", DEFAULT_LISTEN),
+                   help=f"gRPC address; port 0 picks a free port [env FEDSEG_LISTEN, default {DEFAULT_LISTEN}]")
+    p.add_argument("--initial-model", default=env("FEDSEG_INITIAL_MODEL"),
+                   help="model file round 1 starts from, for a new store (fedseg init-model) [env FEDSEG_INITIAL_MODEL]")
+    p.add_argument("--port-file", help="write the bound port to this file once serving (for port 0)")
+    p.add_argument("--log-level", default=env("FEDSEG_LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="[env FEDSEG_LOG_LEVEL]")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.config:
+        _parser().error("--config is required (or set FEDSEG_CONFIG)")
+    try:
+        config = load_federation_config(args.config)
+        aggregator = Aggregator(
+            Store(args.store), config, initial_model=Path(args.initial_model) if args.initial_model else None
+        )
+        running = serve(aggregator, args.listen)
+    except (ConfigError, StoreError, OSError) as exc:
+        print(f"aggregator-service: {exc}", file=sys.stderr)
+        return 2
+    log.info("federation %r serving on port %d, store %s", config.federation_id, running.port, args.store)
+    if args.port_file:
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(str(running.port))
+        tmp.replace(args.port_file)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    log.info("shutting down")
+    running.stop(grace=5.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

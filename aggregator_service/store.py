@@ -1,0 +1,146 @@
+"""The aggregator's store: a directory that holds all of its state.
+
+The process keeps nothing that is not also here, so a restarted aggregator (or a new pod on the
+same PersistentVolume) continues where the last one stopped. Every change is an atomic write:
+a temporary file in the same directory, fsync, rename, fsync of the directory.
+
+Layout::
+
+    federation.json                  the federation's id and its configuration (JSON)
+    state.json                       current round id, open/finished, opened_at, deadline
+    sites.json                       sites that have joined
+    counters.json                    bytes in/out, submissions, rejections by reason
+    models/round-0001.frames         the global model round 1 trains from (codec frames, lossless)
+    models/round-0002.frames         ... written when round 1 closes
+    rounds/0001/<site>.frames        a site's committed update for round 1 (as received)
+    rounds/0001/<site>.json          its header, digest and checks; written last: the commit marker
+    rounds/0001/_result.json         weights, factors and the new model's digest, written at close
+    spool/*.part                     uploads in progress; anything here at start-up is garbage
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+_CHUNK = 1 << 20
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see either the old or the new file, never a mix."""
+    with atomic_writer(path) as fh:
+        fh.write(data)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
+    """Yield a binary file that replaces ``path`` atomically when the block exits without error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Store:
+    """Paths and atomic reads/writes of the aggregator's directory. Holds no state of its own."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        for sub in ("models", "rounds", "spool"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    # -- paths -------------------------------------------------------------------------------
+    def model_path(self, round_id: int) -> Path:
+        """The global model that round ``round_id`` trains from (round r's result is round r+1's model)."""
+        return self.root / "models" / f"round-{round_id:04d}.frames"
+
+    def round_dir(self, round_id: int) -> Path:
+        return self.root / "rounds" / f"{round_id:04d}"
+
+    def submission_paths(self, round_id: int, site: str) -> tuple[Path, Path]:
+        """(frames, record) of a site's submission; the record's presence means committed."""
+        base = self.round_dir(round_id)
+        return base / f"{site}.frames", base / f"{site}.json"
+
+    # -- JSON documents ---------------------------------------------------------------------
+    def read_json(self, name: str | Path, default: Any = None) -> Any:
+        path = self.root / name
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return default
+
+    def write_json(self, name: str | Path, value: Any) -> None:
+        atomic_write_bytes(self.root / name, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+
+    # -- submissions ------------------------------------------------------------------------
+    def committed_sites(self, round_id: int) -> list[str]:
+        """Sites whose submission for the round is committed, in name order (the aggregation order)."""
+        base = self.round_dir(round_id)
+        if not base.is_dir():
+            return []
+        sites = []
+        for record in base.glob("*.json"):
+            # Site names never start with "_" (see errors.check_site_name), so "_result" is not a site.
+            if record.name.startswith("_"):
+                continue
+            if (base / f"{record.stem}.frames").exists():
+                sites.append(record.stem)
+        return sorted(sites)
+
+    def result_path(self, round_id: int) -> Path:
+        return self.round_dir(round_id) / "_result.json"
+
+    def read_submission(self, round_id: int, site: str) -> dict[str, Any] | None:
+        return self.read_json(self.submission_paths(round_id, site)[1].relative_to(self.root))
+
+    def new_spool_path(self) -> Path:
+        return self.root / "spool" / f"{uuid.uuid4().hex}.part"
+
+    def commit_submission(self, spool: Path, round_id: int, site: str, record: dict[str, Any]) -> None:
+        """Move a verified spool file into the round and write its record (the commit marker) last."""
+        frames_path, record_path = self.submission_paths(round_id, site)
+        frames_path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(spool, frames_path)
+        fsync_dir(frames_path.parent)
+        self.write_json(record_path.relative_to(self.root), record)
+
+    def clear_spool(self) -> int:
+        """Remove uploads that were in progress when a previous process died. Returns how many."""
+        removed = 0
+        for part in (self.root / "spool").glob("*.part"):
+            part.unlink(missing_ok=True)
+            removed += 1
+        return removed

@@ -1,0 +1,105 @@
+"""Aggregation strategies as the round-closing code runs them over streamed updates.
+
+The mathematics lives in ``aggregation.py`` and ``aam.py`` (plain numpy functions, each tested on
+hand-computed arrays); this module only sequences them: per-site weights from the submission
+records, then for each tensor ``θ_new = f(θ, Δ_1..Δ_K)`` with the deltas streamed one site at a
+time. Server state (FedAdam's moments) is kept in the store, never in the process.
+
+Memory per tensor: weighted strategies (fedavg, mean, aam, fedadam) hold one float64 accumulator;
+median and trimmed_mean hold all K sites' values of that tensor; fedadam additionally keeps its
+moments for the whole model (2 × the model) while the round closes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+import codec
+from aggregator_service import aggregation
+from aggregator_service.aam import SiteStats, aam_weights
+from aggregator_service.aggregation import StrategyConfig
+
+
+def site_stats(record: Mapping[str, Any]) -> SiteStats:
+    """AAM's view of one committed submission (its record in the store)."""
+    metrics = record.get("metrics", {})
+    return SiteStats(
+        site=record["site"],
+        sample_count=int(record["sample_count"]),
+        dice=metrics.get("dice"),
+        hd95=metrics.get("hd95"),
+        update_norm=float(record["update_norm"]),
+        finite=True,  # non-finite updates are refused at submission
+    )
+
+
+@dataclass(frozen=True)
+class RoundAggregator:
+    """One round's aggregation under a :class:`StrategyConfig`."""
+
+    config: StrategyConfig
+
+    def weights(self, records: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, list[dict[str, float]]]:
+        """Per-site weights (in the records' order) and, per site, why it got its weight."""
+        stats = [site_stats(r) for r in records]
+        if self.config.name == "aam":
+            result = aam_weights(stats, self.config.aam)
+            factors = [
+                {k: float(v) for k, v in f.items() if isinstance(v, (int, float)) and np.isfinite(v)}
+                for f in result.factors
+            ]
+            return result.weights, factors
+        weights = aggregation.round_weights(self.config, stats)
+        if weights is None:  # median / trimmed mean: every site counts alike
+            weights = aggregation.mean_weights(len(stats))
+        return weights, [{"sample_count": float(s.sample_count)} for s in stats]
+
+    def load_state(self, store: Any, round_id: int) -> dict[str, np.ndarray] | None:
+        if self.config.name != "fedadam":
+            return None
+        path = _fedadam_path(store, round_id)
+        return codec.load_tensors(path) if path.exists() else {}
+
+    def apply(
+        self, name: str, theta: np.ndarray, deltas: Iterator[np.ndarray], weights: np.ndarray, state: Any
+    ) -> np.ndarray:
+        """The tensor's new value. Consumes ``deltas`` completely (they stream in lockstep)."""
+        if theta.dtype.kind != "f":
+            # Integer buffers (e.g. step counters) are not averaged: keep the global value.
+            for _ in deltas:
+                pass
+            return theta
+        if not self.config.is_weighted:
+            combined = aggregation.combine_tensor(self.config, list(deltas))
+            return aggregation.cast_to_dtype(theta + combined, theta.dtype)
+        acc: np.ndarray | None = None
+        for weight, delta in zip(weights, deltas, strict=True):
+            acc = aggregation.weighted_accumulate(acc, delta, float(weight))
+        assert acc is not None
+        if self.config.name == "fedadam":
+            m, v = state.get(f"m/{name}"), state.get(f"v/{name}")
+            if m is None or v is None:
+                m, v = aggregation.fedadam_init_state(theta)
+            new, state[f"m/{name}"], state[f"v/{name}"] = aggregation.fedadam_step(
+                theta, acc, m, v, lr=self.config.server_lr, beta1=self.config.beta1,
+                beta2=self.config.beta2, tau=self.config.tau,
+            )
+            return aggregation.cast_to_dtype(np.asarray(new, dtype=np.float64), theta.dtype)
+        acc += theta
+        return aggregation.cast_to_dtype(acc, theta.dtype)
+
+    def save_state(self, store: Any, round_id: int, state: Any) -> None:
+        if self.config.name == "fedadam" and state is not None:
+            codec.save_tensors(_fedadam_path(store, round_id), sorted(state.items()), codec.LOSSLESS)
+
+
+def _fedadam_path(store: Any, round_id: int) -> Any:
+    return store.model_path(round_id).with_suffix(".fedadam")
+
+
+def build(name: str, options: Mapping[str, Any]) -> RoundAggregator:
+    """The aggregation configured by ``[aggregation] strategy = NAME`` and its other keys."""
+    return RoundAggregator(StrategyConfig.from_mapping({"name": name, **options}))

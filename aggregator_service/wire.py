@@ -1,0 +1,111 @@
+"""Conversions between the aggregator's domain values and ``fedsegnet.v1`` messages."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator, Mapping
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from aggregator_service.config import FederationConfig
+from aggregator_service.errors import InvalidUpdate
+from aggregator_service.rounds import FINISHED, METRIC_NAMES, RoundView, UpdateCommit, UpdateHeader
+from protos.fedsegnet.v1 import aggregator_pb2 as pb
+
+_STATES = {"open": pb.ROUND_STATE_OPEN, FINISHED: pb.ROUND_STATE_FINISHED}
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def training_config_to_proto(config: FederationConfig) -> pb.TrainingConfig:
+    t, m = config.training, config.model
+    return pb.TrainingConfig(
+        model=pb.ModelSpec(
+            architecture=m.architecture,
+            in_channels=m.in_channels,
+            out_channels=m.out_channels,
+            img_size=list(m.img_size),
+            options_json=json.dumps(dict(m.options), sort_keys=True),
+        ),
+        local_epochs=t.local_epochs,
+        learning_rate=t.learning_rate,
+        batch_size=t.batch_size,
+        fedprox_mu=t.fedprox_mu,
+        lambda_dice=t.lambda_dice,
+        codec=pb.CodecSpec(**config.codec.to_fields()),
+        seed=t.seed,
+    )
+
+
+def round_to_proto(view: RoundView, config: FederationConfig) -> pb.Round:
+    return pb.Round(
+        round_id=view.round_id,
+        state=_STATES.get(view.state, pb.ROUND_STATE_UNSPECIFIED),
+        deadline=timestamp(view.deadline),
+        min_clients=view.min_clients,
+        max_clients=view.max_clients,
+        total_rounds=view.total_rounds,
+        config=training_config_to_proto(config),
+        global_model_digest=view.global_model_digest,
+        submitted_sites=list(view.submitted_sites),
+    )
+
+
+def metrics_to_proto(metrics: Mapping[str, float], extra: Mapping[str, float], cases: int = 0) -> pb.LocalMetrics:
+    return pb.LocalMetrics(
+        **{k: float(v) for k, v in metrics.items() if k in METRIC_NAMES},
+        validation_cases=cases,
+        extra={k: float(v) for k, v in extra.items()},
+    )
+
+
+def metrics_from_proto(msg: pb.LocalMetrics) -> tuple[dict[str, float], dict[str, float], int]:
+    return {name: getattr(msg, name) for name in METRIC_NAMES}, dict(msg.extra), msg.validation_cases
+
+
+def header_from_proto(msg: pb.UpdateHeader) -> UpdateHeader:
+    metrics, extra, cases = metrics_from_proto(msg.metrics)
+    if cases:
+        extra = {**extra, "validation_cases": float(cases)}
+    return UpdateHeader(
+        site=msg.site,
+        round_id=msg.round_id,
+        sample_count=msg.sample_count,
+        metrics=metrics,
+        extra_metrics=extra,
+        codec={f.name: v for f, v in msg.codec.ListFields()},
+        bytes_downloaded=msg.bytes_downloaded,
+    )
+
+
+def upload_parts(requests: Iterator[pb.SubmitUpdateRequest]) -> Iterator[bytes | UpdateCommit]:
+    """The messages after the header, as frames and a commit; anything else is a protocol error."""
+    for request in requests:
+        kind = request.WhichOneof("part")
+        if kind == "frame":
+            yield request.frame
+        elif kind == "commit":
+            yield UpdateCommit(chunk_count=request.commit.chunk_count, digest=request.commit.digest)
+        elif kind == "header":
+            raise InvalidUpdate("a second header arrived in the same upload stream", reason="bad_stream")
+        else:
+            raise InvalidUpdate("an upload message with no part set", reason="bad_stream")
+
+
+def site_metrics_to_proto(site: Mapping[str, Any]) -> pb.SiteRoundMetrics:
+    extra = dict(site.get("extra_metrics", {}))
+    cases = int(extra.pop("validation_cases", 0))
+    return pb.SiteRoundMetrics(
+        site=site["site"],
+        sample_count=site["sample_count"],
+        metrics=metrics_to_proto(site.get("metrics", {}), extra, cases),
+        weight=site.get("weight", 0.0),
+        bytes_uploaded=site.get("bytes", 0),
+        bytes_downloaded=site.get("bytes_downloaded", 0),
+        update_norm=site.get("update_norm", 0.0),
+        weight_factors={k: float(v) for k, v in site.get("weight_factors", {}).items()},
+    )

@@ -1,0 +1,252 @@
+"""Codec size and speed against a named baseline: raw zstandard level 1 on the dense fp32 bytes.
+
+For each codec configuration, on a model delta of N float32 parameters split into realistic
+tensors (3D conv kernels, attention and MLP matrices, norms and biases, a few matrices of up to
+4M elements; heavy-tailed values), it prints:
+
+* bytes of the frames, and the ratio dense-fp32-bytes / frame-bytes;
+* encode, decode (to dense arrays) and accumulate (``accumulate_frames`` into float32
+  accumulators, the aggregator's hot path) throughput in MB/s of dense-equivalent data
+  (N * 4 bytes / seconds);
+* the same run's raw ``zstandard`` level-1 compress and decompress MB/s of the same dense bytes,
+  tensor by tensor (the baseline), and our MB/s over it.
+
+Usage::
+
+    python benchmarks/codec_bench.py --params 20_000_000 --json
+    python benchmarks/codec_bench.py --delta real_delta.frames   # a real update (see below)
+
+With ``--json`` the last line of output is one JSON object with, for top-1% int8:
+``ratio_top1_int8``, ``encode_vs_zstd``, ``decode_vs_zstd`` (and more).
+
+Real deltas: :func:`run_benchmark` takes any ``{name: np.ndarray}``; ``--delta PATH`` loads one
+from a frame file (``codec.save_tensors``) or an ``.npz`` (``np.savez``, no pickle), e.g. the
+Transformer U-Net's ``theta_local - theta_global`` after one local epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import zstandard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import codec  # noqa: E402
+from codec import CodecSpec  # noqa: E402
+
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmarked codec configuration."""
+
+    key: str
+    label: str
+    spec: CodecSpec
+
+
+CONFIGS: tuple[Config, ...] = (
+    Config("lossless", "lossless fp32 + zstd-3", CodecSpec()),
+    Config("fp16", "dense fp16 + zstd-3", CodecSpec(quantization="fp16")),
+    Config("top10_int8", "top-10% int8 + zstd-3", CodecSpec(top_k_fraction=0.1, quantization="int8")),
+    Config("top1_int8", "top-1% int8 + zstd-3", CodecSpec(top_k_fraction=0.01, quantization="int8")),
+    Config("top1_int4", "top-1% int4 + zstd-3", CodecSpec(top_k_fraction=0.01, quantization="int4")),
+    Config(
+        "top1_int8_global",
+        "top-1% (global) int8 + zstd-3",
+        CodecSpec(top_k_fraction=0.01, quantization="int8", top_k_scope="global"),
+    ),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs.
+
+
+def _layer_shapes() -> Iterable[tuple[int, ...]]:
+    """Shapes of a 3D Transformer U-Net-like network, repeated: conv kernels (Cout, Cin, 3, 3, 3),
+    norms/biases (C,), attention/MLP matrices up to 4M elements."""
+    while True:
+        for c in (32, 64, 128, 256):
+            yield (c, c, 3, 3, 3)
+            yield (c,)
+            yield (c,)
+            yield (c, c // 2, 3, 3, 3)
+        for width in (384, 768):
+            yield (3 * width, width)  # qkv
+            yield (width, width)  # attention output
+            yield (4 * width, width)  # MLP up
+            yield (width, 4 * width)  # MLP down
+            yield (width,)
+        yield (2000, 2000)  # the largest: 4M elements
+
+
+def synthetic_delta(n_params: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A float32 model delta of exactly ``n_params`` elements: Student-t (3 dof) values, per-tensor scales."""
+    rng = np.random.default_rng(seed)
+    delta: dict[str, np.ndarray] = {}
+    left = n_params
+    for i, shape in enumerate(_layer_shapes()):
+        if left <= 0:
+            break
+        size = int(np.prod(shape))
+        if size > left:
+            shape, size = (left,), left
+        scale = np.float32(1e-3 * rng.lognormal(0.0, 1.0))
+        values = rng.standard_t(3.0, size).astype(np.float32)
+        values *= scale
+        delta[f"layer{i:04d}.{'weight' if len(shape) > 1 else 'bias'}"] = values.reshape(shape)
+        left -= size
+    return delta
+
+
+def load_delta(path: str) -> dict[str, np.ndarray]:
+    """A real delta from a frame file (``codec.save_tensors``) or an ``.npz`` (no pickle)."""
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as data:
+            return {k: np.asarray(data[k]) for k in data.files}
+    return codec.load_tensors(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements.
+
+
+def _best_seconds(run: Callable[[], object], repeat: int) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = run()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def measure_zstd(delta: Mapping[str, np.ndarray], repeat: int) -> dict[str, float]:
+    """Baseline: zstandard level 1 on each tensor's dense bytes (compress, then decompress)."""
+    compressor = zstandard.ZstdCompressor(level=1)
+    decompressor = zstandard.ZstdDecompressor()
+    arrays = [np.ascontiguousarray(a) for a in delta.values()]
+    dense = sum(a.nbytes for a in arrays)
+    t_c, packed = _best_seconds(lambda: [compressor.compress(a) for a in arrays], repeat)
+    t_d, _ = _best_seconds(lambda: [decompressor.decompress(p) for p in packed], repeat)  # type: ignore[union-attr]
+    size = sum(len(p) for p in packed)  # type: ignore[union-attr]
+    return {
+        "bytes": size,
+        "ratio": dense / size,
+        "compress_MBps": dense / t_c / MB,
+        "decompress_MBps": dense / t_d / MB,
+    }
+
+
+def measure_config(delta: Mapping[str, np.ndarray], spec: CodecSpec, repeat: int) -> dict[str, float]:
+    """Bytes and throughput of one configuration on ``delta`` (dense-equivalent MB/s)."""
+    dense = sum(a.size * 4 for a in delta.values())
+    t_enc, frames = _best_seconds(lambda: list(codec.encode_tensors(delta, spec)), repeat)
+    assert isinstance(frames, list)
+    size = sum(len(f) for f in frames)
+    assert max(len(f) for f in frames) <= codec.MAX_FRAME_BYTES
+
+    def decode() -> None:
+        for _name, _array in codec.decode_frames(frames):
+            pass
+
+    accumulators = {name: np.zeros(a.shape, np.float32) for name, a in delta.items()}
+    t_dec, _ = _best_seconds(decode, repeat)
+    t_acc, _ = _best_seconds(lambda: codec.accumulate_frames(frames, 0.5, accumulators), repeat)
+    return {
+        "bytes": size,
+        "frames": len(frames),
+        "ratio": dense / size,
+        "encode_MBps": dense / t_enc / MB,
+        "decode_MBps": dense / t_dec / MB,
+        "accumulate_MBps": dense / t_acc / MB,
+    }
+
+
+def run_benchmark(
+    delta: Mapping[str, np.ndarray], configs: Sequence[Config] = CONFIGS, *, repeat: int = 1
+) -> dict[str, object]:
+    """Measure every configuration and the zstd baseline on one delta (the hook for real deltas).
+
+    Args:
+        delta: name -> array (float32 expected; other dtypes are encoded as the codec does).
+        configs: configurations to run; ``top1_int8`` feeds the summary ratios when present.
+        repeat: best-of-``repeat`` timing for each measurement.
+    """
+    delta = {name: np.ascontiguousarray(a) for name, a in delta.items()}
+    params = sum(a.size for a in delta.values())
+    baseline = measure_zstd(delta, repeat)
+    results = {c.key: measure_config(delta, c.spec, repeat) for c in configs}
+    report: dict[str, object] = {
+        "params": params,
+        "tensors": len(delta),
+        "largest_tensor": max(a.size for a in delta.values()),
+        "baseline": "zstandard level 1 on dense fp32 bytes, per tensor",
+        "zstd1": baseline,
+        "configs": results,
+    }
+    if "top1_int8" in results:
+        top1 = results["top1_int8"]
+        report["ratio_top1_int8"] = top1["ratio"]
+        report["encode_vs_zstd"] = top1["encode_MBps"] / baseline["compress_MBps"]
+        report["decode_vs_zstd"] = top1["decode_MBps"] / baseline["decompress_MBps"]
+        report["accumulate_vs_zstd"] = top1["accumulate_MBps"] / baseline["decompress_MBps"]
+    return report
+
+
+def format_report(report: Mapping[str, object], configs: Sequence[Config] = CONFIGS) -> str:
+    base = report["zstd1"]
+    assert isinstance(base, dict)
+    results = report["configs"]
+    assert isinstance(results, dict)
+    lines = [
+        f"delta: {report['params']:,} float32 parameters in {report['tensors']} tensors "
+        f"(largest {report['largest_tensor']:,}); dense = {report['params'] * 4 / MB:,.1f} MB",
+        f"baseline {report['baseline']}: ratio {base['ratio']:.3f}x, "
+        f"compress {base['compress_MBps']:,.0f} MB/s, decompress {base['decompress_MBps']:,.0f} MB/s",
+        f"{'configuration':32} {'bytes':>14} {'ratio':>9} {'enc MB/s':>9} {'dec MB/s':>9} "
+        f"{'acc MB/s':>9} {'enc/zstd':>8} {'dec/zstd':>8}",
+    ]
+    for c in configs:
+        r = results.get(c.key)
+        if r is None:
+            continue
+        lines.append(
+            f"{c.label:32} {r['bytes']:>14,} {r['ratio']:>8.1f}x {r['encode_MBps']:>9,.0f} "
+            f"{r['decode_MBps']:>9,.0f} {r['accumulate_MBps']:>9,.0f} "
+            f"{r['encode_MBps'] / base['compress_MBps']:>8.2f} {r['decode_MBps'] / base['decompress_MBps']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=lambda s: int(s.replace("_", "")), default=100_000_000,
+                        help="parameters of the synthetic delta (default 100_000_000)")
+    parser.add_argument("--delta", help="benchmark a real delta instead: a frame file or an .npz")
+    parser.add_argument("--configs", nargs="+", choices=[c.key for c in CONFIGS], help="subset of configurations")
+    parser.add_argument("--repeat", type=int, default=1, help="best-of-N timings (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
+    args = parser.parse_args(argv)
+
+    configs = [c for c in CONFIGS if not args.configs or c.key in args.configs]
+    delta = load_delta(args.delta) if args.delta else synthetic_delta(args.params, args.seed)
+    report = run_benchmark(delta, configs, repeat=max(1, args.repeat))
+    print(format_report(report, configs))
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""A site's own state directory: what lets a restarted agent continue where it stopped.
+
+Layout::
+
+    agent.json                      site, federation, rounds submitted/refused, current residual file
+    global-0003.frames              the global model round 3 trained from (as downloaded)
+    local-0003.frames               the site's model after local training in round 3
+    pending-0003.frames / .json     the encoded update for round 3 and its header, written before
+                                    the upload starts, so a restart resends the same bytes
+                                    (same digest: the aggregator counts it once)
+    residual-0003.frames            the error-feedback residual left after round 3's update
+
+``agent.json`` is the commit point: it names the residual in force, so a crash between writing a
+new residual and the aggregator's receipt keeps the old one, and a residual is never lost.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+import codec
+from aggregator_service.store import atomic_write_bytes, atomic_writer
+
+
+class SiteState:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- agent.json --------------------------------------------------------------------------
+    def load(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.root / "agent.json").read_text())
+        except FileNotFoundError:
+            return {"submitted": {}, "refused": {}, "residual": None}
+
+    def save(self, doc: Mapping[str, Any]) -> None:
+        atomic_write_bytes(self.root / "agent.json", (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+
+    def is_done(self, round_id: int) -> bool:
+        doc = self.load()
+        return str(round_id) in doc["submitted"] or str(round_id) in doc["refused"]
+
+    # -- files -------------------------------------------------------------------------------
+    def path(self, kind: str, round_id: int) -> Path:
+        return self.root / f"{kind}-{round_id:04d}.frames"
+
+    def write_tensors(self, kind: str, round_id: int, tensors: Iterable[tuple[str, np.ndarray]]) -> Path:
+        path = self.path(kind, round_id)
+        with atomic_writer(path) as fh:
+            codec.write_frames(fh, codec.encode_tensors(tensors, codec.LOSSLESS))
+        return path
+
+    def write_frames(self, kind: str, round_id: int, frames: Iterable[bytes]) -> Path:
+        path = self.path(kind, round_id)
+        with atomic_writer(path) as fh:
+            codec.write_frames(fh, frames)
+        return path
+
+    def read_tensors(self, kind: str, round_id: int) -> dict[str, np.ndarray]:
+        return codec.load_tensors(self.path(kind, round_id))
+
+    def residual(self) -> dict[str, np.ndarray] | None:
+        """The residual in force (named by agent.json), or None before the first submission."""
+        name = self.load().get("residual")
+        return codec.load_tensors(self.root / name) if name else None
+
+    # -- pending uploads ---------------------------------------------------------------------
+    def pending(self, round_id: int) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.root / f"pending-{round_id:04d}.json").read_text())
+        except FileNotFoundError:
+            return None
+
+    def save_pending(self, round_id: int, header: Mapping[str, Any]) -> None:
+        atomic_write_bytes(
+            self.root / f"pending-{round_id:04d}.json", (json.dumps(header, indent=1, sort_keys=True) + "\n").encode()
+        )
+
+    def finish_round(self, round_id: int, *, receipt: Mapping[str, Any] | None, refusal: str | None = None) -> None:
+        """Record the round's outcome; on success the round's new residual comes into force."""
+        doc = self.load()
+        if receipt is not None:
+            doc["submitted"][str(round_id)] = dict(receipt)
+            if self.path("residual", round_id).exists():
+                doc["residual"] = self.path("residual", round_id).name
+        else:
+            # Refused: the update was not applied, so the old residual stays in force.
+            doc["refused"][str(round_id)] = refusal or "refused"
+        self.save(doc)
+        (self.root / f"pending-{round_id:04d}.json").unlink(missing_ok=True)
+        self.path("pending", round_id).unlink(missing_ok=True)
+        if receipt is None:
+            self.path("residual", round_id).unlink(missing_ok=True)
+        self._prune(keep_from=round_id - 1)
+
+    def _prune(self, *, keep_from: int) -> None:
+        """Drop models and residuals of older rounds; keep the residual in force."""
+        in_force = self.load().get("residual")
+        for path in self.root.glob("*-*.frames"):
+            kind, _, number = path.stem.rpartition("-")
+            if kind in ("global", "local", "residual") and number.isdigit() and int(number) < keep_from:
+                if path.name != in_force:
+                    path.unlink(missing_ok=True)

@@ -1,0 +1,175 @@
+"""The agent's side of the wire: a gRPC client for the aggregator with retries.
+
+Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED from a busy server) are
+retried with exponential backoff and full jitter; anything else is the aggregator's answer and is
+raised as :class:`Refused` with its status and message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import grpc
+
+import codec
+from protos.fedsegnet.v1 import aggregator_pb2 as pb
+from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+MAX_MESSAGE_BYTES = 4 << 20
+
+
+class Refused(Exception):
+    """The aggregator answered with a non-retryable status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter (AWS architecture blog's 'full jitter')."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    multiplier: float = 2.0
+    max_attempts: int = 0  # 0: retry forever (an agent runs for days)
+
+    def delays(self, rng: random.Random) -> Iterator[float]:
+        attempt = 0
+        while self.max_attempts == 0 or attempt < self.max_attempts:
+            yield rng.uniform(0, min(self.max_s, self.initial_s * self.multiplier**attempt))
+            attempt += 1
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    round_id: int
+    path: Path
+    digest: str
+    nbytes: int
+
+
+class AggregatorClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        backoff: Backoff = Backoff(),
+        rpc_timeout_s: float = 600.0,
+        sleep: Callable[[float], None] = time.sleep,
+        seed: int | None = None,
+    ) -> None:
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self.target = target
+        self.channel = (
+            grpc.secure_channel(target, credentials, options)
+            if credentials
+            else grpc.insecure_channel(target, options)
+        )
+        self.stub = pb_grpc.AggregatorServiceStub(self.channel)
+        self.backoff = backoff
+        self.rpc_timeout_s = rpc_timeout_s
+        self._sleep = sleep
+        self._rng = random.Random(seed)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        delays = self.backoff.delays(self._rng)
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                details = exc.details()  # type: ignore[attr-defined]
+                if code not in RETRYABLE:
+                    raise Refused(code, details) from None
+                delay = next(delays, None)
+                if delay is None:
+                    raise Refused(code, f"{details} (gave up after {self.backoff.max_attempts} attempts)") from None
+                log.warning("%s: %s (%s); retrying in %.1fs", what, code.name, details, delay)
+                self._sleep(delay)
+
+    def join(self, site: str) -> pb.JoinResponse:
+        return self._call("join", lambda: self.stub.Join(pb.JoinRequest(site=site), timeout=self.rpc_timeout_s))
+
+    def get_round(self, site: str) -> pb.Round:
+        response = self._call(
+            "get round", lambda: self.stub.GetRound(pb.GetRoundRequest(site=site), timeout=self.rpc_timeout_s)
+        )
+        return response.round
+
+    def download(self, round_id: int, site: str, dest: Path) -> Downloaded:
+        """Stream a round's global model to ``dest`` (atomically) and check its digest."""
+
+        def attempt() -> Downloaded:
+            sha = hashlib.sha256()
+            nbytes = 0
+            digest = ""
+            got_round = round_id
+            tmp = dest.with_suffix(".download")
+            with open(tmp, "wb") as fh:
+                frames = self.stub.DownloadModel(
+                    pb.DownloadModelRequest(round_id=round_id, site=site), timeout=self.rpc_timeout_s
+                )
+
+                def payloads() -> Iterator[bytes]:
+                    nonlocal nbytes, digest, got_round
+                    for chunk in frames:
+                        sha.update(chunk.frame)
+                        nbytes += len(chunk.frame)
+                        digest, got_round = chunk.model_digest, chunk.round_id
+                        yield chunk.frame
+
+                codec.write_frames(fh, payloads())
+            if digest and sha.hexdigest() != digest:
+                tmp.unlink(missing_ok=True)
+                # A corrupted transfer is worth another try, like a dropped connection.
+                raise _TransientError(f"model digest mismatch for round {got_round}")
+            tmp.replace(dest)
+            return Downloaded(got_round, dest, sha.hexdigest(), nbytes)
+
+        return self._call("download", attempt)
+
+    def submit(self, header: pb.UpdateHeader, frames_path: Path, digest: str, chunk_count: int) -> pb.SubmitUpdateResponse:
+        """Upload a stored update; a retried upload sends the same bytes (idempotent at the aggregator)."""
+
+        def requests() -> Iterator[pb.SubmitUpdateRequest]:
+            yield pb.SubmitUpdateRequest(header=header)
+            with open(frames_path, "rb") as fh:
+                for frame in codec.read_frames(fh):
+                    yield pb.SubmitUpdateRequest(frame=frame)
+            yield pb.SubmitUpdateRequest(commit=pb.UpdateCommit(chunk_count=chunk_count, digest=digest))
+
+        return self._call("upload", lambda: self.stub.SubmitUpdate(requests(), timeout=self.rpc_timeout_s))
+
+
+class _TransientError(grpc.RpcError):
+    """A local failure that should be retried like UNAVAILABLE."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details

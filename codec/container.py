@@ -1,0 +1,113 @@
+"""A file of frames: what the store and a client's state directory keep on disk.
+
+Layout: ``b"FSNC" + u8 version (1) + 3 zero bytes``, then per frame ``u32 length (LE) + frame``,
+then a ``u32 0`` end marker. The end marker makes a file cut at a frame boundary detectable.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
+
+import numpy as np
+
+from .errors import CodecError
+from .frame import MAX_FRAME_BYTES
+from .spec import LOSSLESS, CodecSpec
+from .stream import DEFAULT_MAX_TENSOR_BYTES, NamedTensors, decode_frames, encode_tensors
+
+__all__ = ["FILE_MAGIC", "write_frames", "read_frames", "save_tensors", "load_tensors"]
+
+FILE_MAGIC = b"FSNC\x01\x00\x00\x00"
+_LENGTH = struct.Struct("<I")
+
+
+def write_frames(fileobj: BinaryIO, frames: Iterable[bytes]) -> int:
+    """Write a frame container to an open binary file; return the bytes written.
+
+    Frames are written as they come, so a streaming source is never held whole. An exception
+    raised by ``frames`` propagates and leaves the file without its end marker (unreadable).
+    """
+    written = fileobj.write(FILE_MAGIC) or 0
+    for frame in frames:
+        size = len(frame)
+        if not 0 < size <= MAX_FRAME_BYTES:
+            raise CodecError(f"cannot store a frame of {size} bytes (1..{MAX_FRAME_BYTES})")
+        written += fileobj.write(_LENGTH.pack(size)) or 0
+        written += fileobj.write(frame) or 0
+    written += fileobj.write(_LENGTH.pack(0)) or 0
+    return written
+
+
+def _read_exact(fileobj: BinaryIO, size: int, what: str) -> bytes:
+    data = fileobj.read(size)
+    if data is None or len(data) != size:
+        got = 0 if data is None else len(data)
+        raise CodecError(f"frame file is truncated: {what} needs {size} bytes, got {got}")
+    return data
+
+
+def read_frames(fileobj: BinaryIO, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Iterator[bytes]:
+    """Yield the frames of a container written by :func:`write_frames`, one at a time.
+
+    Raises:
+        CodecError: not a frame file, a length over ``max_frame_bytes`` (checked before reading
+            the frame), or a truncated file (a partial frame or a missing end marker).
+    """
+    magic = fileobj.read(len(FILE_MAGIC))
+    if magic != FILE_MAGIC:
+        raise CodecError(f"not a FedSegNet frame file (starts with {magic[:8]!r}, expected {FILE_MAGIC!r})")
+    index = 0
+    while True:
+        head = fileobj.read(_LENGTH.size)
+        if len(head) != _LENGTH.size:
+            raise CodecError(f"frame file is truncated after {index} frames (no end marker)")
+        (size,) = _LENGTH.unpack(head)
+        if size == 0:
+            return
+        if size > max_frame_bytes:
+            raise CodecError(f"frame {index} claims {size} bytes, over the limit of {max_frame_bytes}")
+        yield _read_exact(fileobj, size, f"frame {index}")
+        index += 1
+
+
+def save_tensors(path: str | os.PathLike[str], tensors: NamedTensors, spec: CodecSpec = LOSSLESS) -> int:
+    """Atomically write named tensors to ``path`` as a frame file; return its size in bytes.
+
+    Writes a temporary file in the same directory, fsyncs it, then renames it over ``path``, so
+    a crash leaves either the old file or the new one.
+    """
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            size = write_frames(fh, encode_tensors(tensors, spec))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return size
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return size
+
+
+def load_tensors(
+    path: str | os.PathLike[str], *, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+) -> dict[str, np.ndarray]:
+    """Read a frame file written by :func:`save_tensors`: name -> array, in the order written."""
+    with open(path, "rb") as fh:
+        return dict(decode_frames(read_frames(fh), max_tensor_bytes=max_tensor_bytes))

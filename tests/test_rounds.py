@@ -1,0 +1,194 @@
+"""The round lifecycle as plain functions over a store: no server, numpy models, hand-made updates."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pytest
+
+import codec
+from aggregator_service import rounds
+from aggregator_service.config import FederationConfig
+from aggregator_service.errors import (
+    ConflictingSubmission,
+    InvalidUpdate,
+    StoreError,
+    UnknownSite,
+    UpdateTooLarge,
+    WrongRound,
+)
+from aggregator_service.rounds import UpdateCommit, UpdateHeader
+from aggregator_service.store import Store
+
+MODEL = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([0.5, -0.5], dtype=np.float32)}
+
+
+def config(**overrides: object) -> FederationConfig:
+    base = dict(federation_id="t", rounds=2, min_clients=2, max_clients=3, sites=("a", "b", "c"))
+    base.update(overrides)
+    return FederationConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    initial = tmp_path / "initial.frames"
+    codec.save_tensors(initial, MODEL.items())
+    s = Store(tmp_path / "store")
+    rounds.initialize(s, config(), initial, now=1000.0)
+    return s
+
+
+def upload(tensors: dict[str, np.ndarray], spec: codec.CodecSpec = codec.LOSSLESS) -> list[bytes | UpdateCommit]:
+    frames = list(codec.encode_tensors(tensors.items(), spec))
+    digest = hashlib.sha256(b"".join(frames)).hexdigest()
+    return [*frames, UpdateCommit(chunk_count=len(frames), digest=digest)]
+
+
+def header(site: str, round_id: int = 1, n: int = 10) -> UpdateHeader:
+    return UpdateHeader(site=site, round_id=round_id, sample_count=n, metrics={"dice": 0.5, "hd95": 3.0})
+
+
+def submit(store: Store, site: str, delta: dict[str, np.ndarray], *, round_id: int = 1, n: int = 10,
+           cfg: FederationConfig | None = None) -> rounds.Receipt:
+    cfg = cfg or config()
+    spool, record = rounds.spool_update(store, cfg, header(site, round_id, n), upload(delta))
+    return rounds.commit_update(store, cfg, spool, record, now=1001.0)
+
+
+def deltas(scale: float) -> dict[str, np.ndarray]:
+    return {k: np.full_like(v, scale) for k, v in MODEL.items()}
+
+
+def test_fedavg_close_weights_by_sample_count_and_opens_the_next_round(store: Store) -> None:
+    submit(store, "a", deltas(1.0), n=30)
+    submit(store, "b", deltas(-1.0), n=10)
+    assert not rounds.due_to_close(store, config(), now=1002.0)  # 2 of max 3, deadline not reached
+    assert rounds.due_to_close(store, config(), now=1000.0 + 601)  # deadline passed with min_clients
+    result = rounds.close_round(store, config(), now=2000.0)
+    # θ + (30·1 + 10·(−1)) / 40 = θ + 0.5
+    new = codec.load_tensors(store.model_path(2))
+    for name, value in MODEL.items():
+        np.testing.assert_array_equal(new[name], value + 0.5)
+    assert result["sites"]["a"]["weight"] == pytest.approx(0.75)
+    view = rounds.current_round(store, config())
+    assert (view.round_id, view.state, view.submitted_sites) == (2, "open", ())
+
+
+def test_closing_again_writes_byte_identical_model(store: Store, tmp_path: Path) -> None:
+    submit(store, "a", deltas(0.25), n=3)
+    submit(store, "b", {"w": np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32), "b": MODEL["b"]}, n=7)
+    state_before = store.read_json("state.json")
+    rounds.close_round(store, config(), now=2000.0)
+    first = store.model_path(2).read_bytes()
+    # A crash after the model was written but before state.json moved on: the round closes again.
+    store.write_json("state.json", state_before)
+    rounds.close_round(store, config(), now=2001.0)
+    assert store.model_path(2).read_bytes() == first
+
+
+def test_duplicate_submission_is_idempotent_and_conflicting_one_refused(store: Store) -> None:
+    first = submit(store, "a", deltas(1.0))
+    again = submit(store, "a", deltas(1.0))
+    assert (again.duplicate, again.digest, again.submissions) == (True, first.digest, 1)
+    with pytest.raises(ConflictingSubmission, match="already submitted a different update"):
+        submit(store, "a", deltas(2.0))
+    assert store.read_json("counters.json")["submissions_total"] == 1
+
+
+@pytest.mark.parametrize(
+    "site, round_id, error, message",
+    [
+        ("zz", 1, UnknownSite, "not in this federation"),
+        ("../a", 1, UnknownSite, "not valid"),
+        ("a", 2, WrongRound, "the current round is 1"),
+    ],
+)
+def test_header_refusals_name_the_problem(store: Store, site: str, round_id: int, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        rounds.spool_update(store, config(), header(site, round_id), upload(deltas(1.0)))
+    assert list((store.root / "spool").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"w": np.zeros((3, 2), np.float32), "b": MODEL["b"]}, "the model's is 'w' \\[2, 3\\]"),
+        ({"w": MODEL["w"].astype(np.float64), "b": MODEL["b"]}, "float64"),
+        ({"x": MODEL["w"], "b": MODEL["b"]}, "'x'"),
+        ({"w": MODEL["w"]}, "holds 1 tensors"),
+        ({"w": np.full((2, 3), np.nan, np.float32), "b": MODEL["b"]}, "NaN or Inf"),
+    ],
+)
+def test_updates_that_do_not_match_the_model_are_refused(store: Store, bad: dict, message: str) -> None:
+    with pytest.raises(InvalidUpdate, match=message):
+        rounds.spool_update(store, config(), header("a"), upload(bad))
+    assert store.committed_sites(1) == []
+    assert list((store.root / "spool").iterdir()) == []
+
+
+def test_broken_stream_leaves_nothing_behind(store: Store) -> None:
+    parts = upload(deltas(1.0))[:-1]  # no commit: the connection dropped
+
+    with pytest.raises(InvalidUpdate, match="without its commit"):
+        rounds.spool_update(store, config(), header("a"), parts)
+    assert list((store.root / "spool").iterdir()) == []
+    assert store.committed_sites(1) == []
+
+
+def test_stream_that_raises_mid_way_leaves_nothing_behind(store: Store) -> None:
+    def dropped() -> Iterator[bytes | UpdateCommit]:
+        yield upload(deltas(1.0))[0]
+        raise ConnectionError("peer went away")
+
+    with pytest.raises(ConnectionError):
+        rounds.spool_update(store, config(), header("a"), dropped())
+    assert list((store.root / "spool").iterdir()) == []
+
+
+def test_digest_mismatch_and_wrong_chunk_count_are_refused(store: Store) -> None:
+    parts = upload(deltas(1.0))
+    bad_digest = [*parts[:-1], UpdateCommit(chunk_count=len(parts) - 1, digest="0" * 64)]
+    with pytest.raises(InvalidUpdate, match="does not match"):
+        rounds.spool_update(store, config(), header("a"), bad_digest)
+    bad_count = [*parts[:-1], UpdateCommit(chunk_count=99, digest="")]
+    with pytest.raises(InvalidUpdate, match="99 chunks"):
+        rounds.spool_update(store, config(), header("a"), bad_count)
+
+
+def test_update_over_the_size_limit_is_refused(store: Store) -> None:
+    cfg = config(max_update_bytes=16)
+    with pytest.raises(UpdateTooLarge, match="16 bytes"):
+        rounds.spool_update(store, cfg, header("a"), upload(deltas(1.0)))
+
+
+def test_late_submission_for_a_closed_round_names_the_current_round(store: Store) -> None:
+    submit(store, "a", deltas(1.0))
+    submit(store, "b", deltas(1.0))
+    rounds.close_round(store, config(), now=2000.0)
+    with pytest.raises(WrongRound, match="current round is 2"):
+        submit(store, "c", deltas(1.0), round_id=1)
+
+
+def test_federation_finishes_after_the_last_round(store: Store) -> None:
+    for r in (1, 2):
+        submit(store, "a", deltas(1.0), round_id=r)
+        submit(store, "b", deltas(1.0), round_id=r)
+        rounds.close_round(store, config(), now=2000.0 + r)
+    view = rounds.current_round(store, config())
+    assert view.state == rounds.FINISHED
+    assert rounds.model_for_download(store, 0)[0] == 3  # the final model
+    with pytest.raises(WrongRound, match="finished"):
+        submit(store, "c", deltas(1.0), round_id=2)
+
+
+def test_restart_with_a_different_configuration_is_refused(store: Store) -> None:
+    with pytest.raises(StoreError, match="different configuration"):
+        rounds.initialize(store, config(rounds=5), None, now=0.0)
+
+
+def test_empty_store_without_initial_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="--initial-model"):
+        rounds.initialize(Store(tmp_path / "s"), config(), None, now=0.0)

@@ -1,0 +1,284 @@
+"""Local training and evaluation: real Adam on a tiny Transformer U-Net, real metrics."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from client_agent.data import build_datasets, make_loader, regions_from_labels
+from client_agent.training import (
+    EpochProgress,
+    TrainingError,
+    evaluate,
+    pick_device,
+    seed_everything,
+    train_local,
+)
+
+model_pkg = pytest.importorskip("model")
+
+SIZE = (32, 32, 32)
+CPU = torch.device("cpu")
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return model_pkg.build_model(
+        "transformer_unet",
+        in_channels=1,
+        out_channels=4,
+        img_size=SIZE,
+        channels=(8, 16, 32),
+        num_transformer_layers=1,
+        num_heads=2,
+    )
+
+
+def synthetic_volume(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (1, 32, 32, 32) image whose classes are intensity bands: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    label = torch.zeros(SIZE, dtype=torch.int64)
+    offset = int(torch.randint(2, 8, (1,), generator=g))
+    label[offset : offset + 12, 4:20, 4:20] = 1
+    label[offset + 14 : offset + 22, 8:28, 10:26] = 2
+    label[4:12, 22:30, 20:30] = 3
+    image = label.float() * 1.5 + 0.3 * torch.randn(SIZE, generator=g)
+    return image[None], label[None]
+
+
+def synthetic_batches(n: int, batch_size: int = 2) -> list[dict]:
+    vols = [synthetic_volume(i) for i in range(n)]
+    batches = []
+    for i in range(0, n, batch_size):
+        chunk = vols[i : i + batch_size]
+        batches.append(
+            {
+                "image": torch.stack([v[0] for v in chunk]),
+                "label": torch.stack([v[1] for v in chunk]),
+                "spacing": torch.ones(len(chunk), 3),
+                "case_id": [f"s{i + j}" for j in range(len(chunk))],
+            }
+        )
+    return batches
+
+
+def distance(a: nn.Module, b: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float((p.detach() - b[n]).pow(2).sum()) for n, p in a.named_parameters()))
+
+
+# ---------------------------------------------------------------- devices and seeds
+
+
+def test_pick_device_auto_and_cpu() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+
+    assert pick_device("auto").type == expected
+    assert pick_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("requested", ["cuda", "cuda:1"])
+def test_pick_device_cuda_without_gpu_is_a_clear_error(requested: str) -> None:
+    with pytest.raises(TrainingError, match="CUDA is not available"):
+        pick_device(requested)
+
+
+def test_pick_device_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="device must be"):
+        pick_device("gpu0")
+
+
+def test_seed_everything_makes_draws_repeat() -> None:
+    seed_everything(123)
+    first = (torch.rand(3), np.random.rand(3))
+    seed_everything(123)
+    second = (torch.rand(3), np.random.rand(3))
+
+    torch.testing.assert_close(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_train_local_reduces_the_loss() -> None:
+    model = tiny_model()
+    batches = synthetic_batches(4)
+
+    result = train_local(model, batches, epochs=6, lr=3e-3, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss())
+
+    assert len(result.epoch_losses) == 6
+    assert all(math.isfinite(x) for x in result.epoch_losses)
+    assert result.epoch_losses[-1] < 0.7 * result.epoch_losses[0]
+    assert (result.steps, result.volumes) == (12, 24)
+    assert result.seconds > 0 and result.volumes_per_s > 0
+
+
+def test_fedprox_with_huge_mu_keeps_weights_near_the_global_model() -> None:
+    batches = synthetic_batches(4)
+    free, prox = tiny_model(), tiny_model()
+    start = {n: p.detach().clone() for n, p in free.named_parameters()}
+
+    train_local(free, batches, epochs=3, lr=3e-3, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss())
+    train_local(
+        prox, batches, epochs=3, lr=3e-3, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss(),
+        fedprox_mu=1e4, global_params=start,
+    )
+
+    assert distance(prox, start) < 0.3 * distance(free, start)
+
+
+def test_fedprox_rejects_global_params_of_another_model() -> None:
+    model = tiny_model()
+    wrong = {n: torch.zeros(1) for n, _ in model.named_parameters()}
+
+    with pytest.raises(TrainingError, match="has shape"):
+        train_local(model, synthetic_batches(2), epochs=1, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss(),
+                    fedprox_mu=0.1, global_params=wrong)
+
+
+def test_non_finite_loss_names_epoch_and_step() -> None:
+    batches = synthetic_batches(4)
+    batches[1]["image"][0, 0, 0, 0, 0] = float("nan")  # the second batch of each epoch
+    model = tiny_model()
+
+    with pytest.raises(TrainingError, match=r"epoch 1, step 2"):
+        train_local(model, batches, epochs=2, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss())
+
+
+def test_progress_is_reported_per_step_and_per_epoch() -> None:
+    seen: list[EpochProgress] = []
+
+    train_local(tiny_model(), synthetic_batches(4), epochs=2, device=CPU, amp=False,
+                loss_fn=model_pkg.DiceCELoss(), progress=seen.append)
+
+    ends = [p for p in seen if p.epoch_done]
+    assert [(p.epoch, p.step) for p in seen if not p.epoch_done] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert [(p.epoch, p.epochs, p.step, p.steps_in_epoch) for p in ends] == [(1, 2, 2, 2), (2, 2, 2, 2)]
+
+
+def test_amp_on_cpu_trains_in_fp32_exactly_like_no_amp() -> None:
+    with_amp, without = tiny_model(), tiny_model()
+    batches = synthetic_batches(2)
+
+    a = train_local(with_amp, batches, epochs=1, device=CPU, amp=True, loss_fn=model_pkg.DiceCELoss())
+    b = train_local(without, batches, epochs=1, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss())
+
+    assert a.epoch_losses == b.epoch_losses
+    for pa, pb in zip(with_amp.parameters(), without.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+def test_optimizer_state_carries_over_between_rounds() -> None:
+    model = tiny_model()
+    batches = synthetic_batches(2)
+    first = train_local(model, batches, epochs=1, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss())
+
+    second = train_local(model, batches, epochs=2, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss(),
+                         optimizer_state=first.optimizer_state)
+
+    steps = {int(s["step"]) for s in second.optimizer_state["state"].values()}
+    assert steps == {first.steps + second.steps}
+
+
+@pytest.mark.parametrize("kwargs, message", [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"fedprox_mu": -1.0}, "fedprox_mu")])
+def test_bad_training_arguments_are_rejected(kwargs: dict, message: str) -> None:
+    args = {"epochs": 1, "lr": 1e-3, "device": CPU, "amp": False, "loss_fn": model_pkg.DiceCELoss()} | kwargs
+
+    with pytest.raises(ValueError, match=message):
+        train_local(tiny_model(), synthetic_batches(2), **args)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class OneHotOracle(nn.Module):
+    """Returns its input as logits: fed the one-hot truth, its argmax is the truth."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def oracle_dataset(n: int) -> list[dict]:
+    items = []
+    for i in range(n):
+        _, label = synthetic_volume(i)
+        one_hot = torch.nn.functional.one_hot(label[0], 4).permute(3, 0, 1, 2).float()
+        items.append({"image": one_hot[None], "label": label[None], "spacing": torch.tensor([[1.0, 1.0, 2.0]]), "case_id": [f"o{i}"]})
+    return items
+
+
+def test_perfect_prediction_scores_dice_one_and_hd95_zero() -> None:
+    result = evaluate(OneHotOracle(), oracle_dataset(2), device=CPU, num_classes=4, region_fn=regions_from_labels)
+
+    assert result["cases"] == 2
+    for key in ("dice", "iou", "precision", "recall"):
+        assert result[key] == pytest.approx(1.0)
+    assert result["hd95"] == pytest.approx(0.0)
+    assert set(result["per_class"]) == {"1", "2", "3"}
+    assert all(v["dice"] == pytest.approx(1.0) for v in result["per_class"].values())
+    assert {k: v["dice"] for k, v in result["regions"].items()} == pytest.approx({"ET": 1.0, "TC": 1.0, "WT": 1.0})
+
+
+def test_evaluate_after_training_on_nifti_site(tmp_path: Path) -> None:
+    root = tmp_path / "site"
+    for i in range(3):
+        image, label = synthetic_volume(i)
+        affine = np.diag([1.5, 1.5, 2.0, 1.0])
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "labels").mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(image[0].numpy(), affine), str(root / "images" / f"c{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(label[0].numpy().astype(np.uint8), affine), str(root / "labels" / f"c{i}.nii.gz"))
+    site = build_datasets(root, spatial_size=SIZE, num_classes=4, augment=False, val_fraction=0.34, seed=0, normalize="volume")
+    model = tiny_model()
+    train_local(model, make_loader(site.train, batch_size=2, shuffle=True, seed=0), epochs=2, lr=3e-3,
+                device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss())
+
+    result = evaluate(model, site.val, device=CPU, num_classes=4, loss_fn=model_pkg.DiceCELoss())
+
+    assert result["cases"] == 1
+    assert 0.0 <= result["dice"] <= 1.0 and 0.0 <= result["iou"] <= 1.0
+    assert math.isfinite(result["loss"])
+    for cls in ("1", "2", "3"):
+        assert 0.0 <= result["per_class"][cls]["dice"] <= 1.0
+    assert model.training  # evaluate restores the mode it found
+
+
+def test_evaluate_on_a_loader_averages_over_cases() -> None:
+    items = oracle_dataset(3)
+    batch = {
+        "image": torch.cat([it["image"] for it in items]),
+        "label": torch.cat([it["label"] for it in items]),
+        "spacing": torch.cat([it["spacing"] for it in items]),
+        "case_id": [c for it in items for c in it["case_id"]],
+    }
+    # Spoil the third case: predict background everywhere.
+    batch["image"][2] = 0.0
+    batch["image"][2, 0] = 1.0
+
+    result = evaluate(OneHotOracle(), [batch], device=CPU, num_classes=4)
+
+    assert result["cases"] == 3
+    assert result["dice"] == pytest.approx(2.0 / 3.0)
+
+
+def test_evaluate_with_nothing_to_evaluate_fails() -> None:
+    with pytest.raises(ValueError, match="no volume"):
+        evaluate(OneHotOracle(), [], device=CPU, num_classes=4)
+
+
+def test_evaluate_leaves_the_model_unchanged() -> None:
+    model = tiny_model()
+    before = copy.deepcopy(model.state_dict())
+
+    evaluate(model, [synthetic_batches(2)[0]], device=CPU, num_classes=4)
+
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
