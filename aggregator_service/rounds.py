@@ -37,7 +37,7 @@ from aggregator_service.errors import (
     WrongRound,
     check_site_name,
 )
-from aggregator_service.store import Store, atomic_writer, sha256_file
+from aggregator_service.store import Store, atomic_writer
 from aggregator_service import strategies
 
 log = logging.getLogger(__name__)
@@ -156,12 +156,21 @@ def _verify_model_file(path: Path) -> list[TensorSpec]:
     return specs
 
 
+def frames_digest(path: Path) -> str:
+    """SHA-256 of a frame file's frames concatenated in order: the digest the wire carries."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for frame in codec.read_frames(fh):
+            sha.update(frame)
+    return sha.hexdigest()
+
+
 def _write_manifest(store: Store, round_id: int, specs: Sequence[TensorSpec]) -> None:
     path = store.model_path(round_id)
     store.write_json(
         path.with_suffix(".json").relative_to(store.root),
         {
-            "digest": sha256_file(path),
+            "digest": frames_digest(path),
             "bytes": path.stat().st_size,
             "tensors": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs],
         },
@@ -518,10 +527,39 @@ def due_to_close(store: Store, config: FederationConfig, *, now: float) -> bool:
     return count >= config.max_clients or (now >= float(state["deadline"]) and count >= config.min_clients)
 
 
+class SiteTensor:
+    """One site's update of one tensor, as the decoded frames carried it (sparse stays sparse)."""
+
+    def __init__(self, parts: list[codec.DecodedPart]) -> None:
+        self.parts = parts
+
+    def add_to(self, acc: np.ndarray, weight: float) -> None:
+        """``acc += weight * Δ`` touching only the sent positions."""
+        for part in self.parts:
+            part.add_to(acc, weight)
+
+    def dense(self) -> np.ndarray:
+        header = self.parts[0].header
+        out = np.zeros(header.shape, dtype=header.dtype)
+        for part in self.parts:
+            part.write_to(out)
+        return out
+
+
+def _site_tensors(frames: Iterable[bytes]) -> Iterator[tuple[str, SiteTensor]]:
+    """Group a site's decoded frames by tensor, in stream order."""
+    parts: list[codec.DecodedPart] = []
+    for part in codec.iter_parts(frames):
+        parts.append(part)
+        if part.header.part == part.header.parts - 1:
+            yield part.name, SiteTensor(parts)
+            parts = []
+
+
 def _next_deltas(
-    name: str, sites: Sequence[str], updates: Sequence[Iterator[tuple[str, np.ndarray]]], round_id: int
-) -> Iterator[np.ndarray]:
-    """Each site's delta for tensor ``name``, one at a time, so weighted sums hold one at most."""
+    name: str, sites: Sequence[str], updates: Sequence[Iterator[tuple[str, SiteTensor]]], round_id: int
+) -> Iterator[SiteTensor]:
+    """Each site's update of tensor ``name``, one site at a time (the updates stream in lockstep)."""
     for site, it in zip(sites, updates):
         got_name, delta = next(it)
         if got_name != name:  # checked at upload; a mismatch here means a corrupt store
@@ -551,7 +589,7 @@ def close_round(store: Store, config: FederationConfig, *, now: float, clock: Ca
     handles = [open(store.submission_paths(round_id, s)[0], "rb") for s in sites]
     specs: list[TensorSpec] = []
     try:
-        updates = [codec.decode_frames(codec.read_frames(fh)) for fh in handles]
+        updates = [_site_tensors(codec.read_frames(fh)) for fh in handles]
         state_in = strategy.load_state(store, round_id)
 
         def new_tensors() -> Iterator[tuple[str, np.ndarray]]:

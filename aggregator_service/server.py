@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from aggregator_service import rounds
 from aggregator_service.config import ConfigError, FederationConfig, load_federation_config
 from aggregator_service.errors import AggregatorError, StoreError
+from aggregator_service.metrics import Histogram, render, serve_metrics
 from aggregator_service.servicer import AggregatorServicer
 from aggregator_service.store import Store
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
@@ -38,6 +39,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AggregatorService"].full_name
 # Frames are at most 1 MiB; a message carries one frame plus a few fields.
 MAX_MESSAGE_BYTES = 4 << 20
 DEFAULT_LISTEN = "0.0.0.0:50051"
+DEFAULT_METRICS_LISTEN = "0.0.0.0:9090"
 
 
 class Aggregator:
@@ -57,6 +59,7 @@ class Aggregator:
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
+        self.submission_latency = Histogram()
         with self._lock:
             rounds.initialize(store, config, initial_model, now=clock())
 
@@ -95,16 +98,21 @@ class Aggregator:
     # -- writes ------------------------------------------------------------------------------
     def submit(self, header: rounds.UpdateHeader, parts: Iterable[bytes | rounds.UpdateCommit]) -> rounds.Receipt:
         # Spooling and verifying run outside the lock: uploads from many sites proceed in parallel.
+        started = time.monotonic()
         spool, record = rounds.spool_update(self.store, self.config, header, parts)
         with self._lock:
             receipt = rounds.commit_update(self.store, self.config, spool, record, now=self.clock())
             self._wake.notify_all()
+        self.submission_latency.observe(time.monotonic() - started)
         log.info(
             "round %d: %s update from %s (%d bytes, %d submission(s))",
             receipt.round_id, "duplicate" if receipt.duplicate else "committed", header.site,
             receipt.bytes_received, receipt.submissions,
         )
         return receipt
+
+    def prometheus_text(self) -> str:
+        return render(self.status(), self.submission_latency)
 
     def count_rejection(self, error: AggregatorError) -> None:
         try:
@@ -202,6 +210,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="directory holding all state (a PersistentVolume on Kubernetes) [env FEDSEG_STORE]")
     p.add_argument("--listen", default=env("FEDSEG_LISTEN", DEFAULT_LISTEN),
                    help=f"gRPC address; port 0 picks a free port [env FEDSEG_LISTEN, default {DEFAULT_LISTEN}]")
+    p.add_argument("--metrics-listen", default=env("FEDSEG_METRICS_LISTEN", DEFAULT_METRICS_LISTEN),
+                   help="Prometheus /metrics address; 'off' disables it "
+                   f"[env FEDSEG_METRICS_LISTEN, default {DEFAULT_METRICS_LISTEN}]")
     p.add_argument("--initial-model", default=env("FEDSEG_INITIAL_MODEL"),
                    help="model file round 1 starts from, for a new store (fedseg init-model) [env FEDSEG_INITIAL_MODEL]")
     p.add_argument("--port-file", help="write the bound port to this file once serving (for port 0)")
@@ -221,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
             Store(args.store), config, initial_model=Path(args.initial_model) if args.initial_model else None
         )
         running = serve(aggregator, args.listen)
+        metrics_server = None
+        if args.metrics_listen != "off":
+            metrics_server = serve_metrics(args.metrics_listen, aggregator.prometheus_text)
+            log.info("Prometheus metrics on port %d /metrics", metrics_server.server_address[1])
     except (ConfigError, StoreError, OSError) as exc:
         print(f"aggregator-service: {exc}", file=sys.stderr)
         return 2
@@ -235,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     done.wait()
     log.info("shutting down")
     running.stop(grace=5.0)
+    if metrics_server is not None:
+        metrics_server.shutdown()
     return 0
 
 

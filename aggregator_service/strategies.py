@@ -13,7 +13,7 @@ moments for the whole model (2 × the model) while the round closes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -21,6 +21,14 @@ import codec
 from aggregator_service import aggregation
 from aggregator_service.aam import SiteStats, aam_weights
 from aggregator_service.aggregation import StrategyConfig
+
+
+class SiteDelta(Protocol):
+    """One site's update of one tensor (``rounds.SiteTensor``)."""
+
+    def add_to(self, acc: np.ndarray, weight: float) -> None: ...
+
+    def dense(self) -> np.ndarray: ...
 
 
 def site_stats(record: Mapping[str, Any]) -> SiteStats:
@@ -64,21 +72,26 @@ class RoundAggregator:
         return codec.load_tensors(path) if path.exists() else {}
 
     def apply(
-        self, name: str, theta: np.ndarray, deltas: Iterator[np.ndarray], weights: np.ndarray, state: Any
+        self, name: str, theta: np.ndarray, deltas: Iterator[SiteDelta], weights: np.ndarray, state: Any
     ) -> np.ndarray:
-        """The tensor's new value. Consumes ``deltas`` completely (they stream in lockstep)."""
+        """The tensor's new value. Consumes ``deltas`` completely (they stream in lockstep).
+
+        Weighted strategies add each site's sent values straight into one float64 accumulator
+        (a top-1% update costs 1% of a dense add); median and trimmed mean densify every site's
+        delta of this tensor.
+        """
         if theta.dtype.kind != "f":
             # Integer buffers (e.g. step counters) are not averaged: keep the global value.
             for _ in deltas:
                 pass
             return theta
         if not self.config.is_weighted:
-            combined = aggregation.combine_tensor(self.config, list(deltas))
+            combined = aggregation.combine_tensor(self.config, [d.dense() for d in deltas])
             return aggregation.cast_to_dtype(theta + combined, theta.dtype)
-        acc: np.ndarray | None = None
+        acc = np.zeros(theta.shape, dtype=np.float64)
         for weight, delta in zip(weights, deltas, strict=True):
-            acc = aggregation.weighted_accumulate(acc, delta, float(weight))
-        assert acc is not None
+            if weight > 0:  # never multiply a zero-weighted site in: 0 * NaN is NaN
+                delta.add_to(acc, float(weight))
         if self.config.name == "fedadam":
             m, v = state.get(f"m/{name}"), state.get(f"v/{name}")
             if m is None or v is None:

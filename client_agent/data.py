@@ -14,7 +14,7 @@ Folder layouts accepted by :func:`discover_cases` (tried in this order; the firs
    <case>_0001.nii.gz, …`` (one file per modality, nnU-Net style), or the folder
    ``images/<case>/`` holding one file per modality (channel order = sorted file names).
 3. **Case folders** — ``ROOT/<case>/`` holding one label file whose name ends in ``seg`` or
-   ``label`` (``BraTS2021_00000_seg.nii.gz``, ``label.nii.gz``) and one image file per modality
+   ``label`` (or ``mask``; e.g. ``BraTS2021_00000_seg.nii.gz``, ``label.nii.gz``) and one image file per modality
    (channel order = sorted file names) — BraTS as distributed.
 4. **Flat** — ``ROOT/<case>_image.nii.gz`` beside ``ROOT/<case>_label.nii.gz``.
 
@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "LABEL_PRESETS",
     "LAYOUTS_HELP",
+    "PRESET_NUM_CLASSES",
     "AugmentConfig",
     "Case",
     "CacheStats",
@@ -593,6 +594,15 @@ def validate_cases(
     return good, problems
 
 
+def _distinct_values(label: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an integer array; a bincount when small, it is ~10x faster than np.unique."""
+    flat = label.ravel()
+    lo, hi = int(flat.min()), int(flat.max())
+    if lo >= 0 and hi < 65536:
+        return np.flatnonzero(np.bincount(flat, minlength=hi + 1)).astype(np.int64)
+    return np.unique(flat)
+
+
 def _describe_channels(channels: tuple[int, tuple[str, ...]]) -> str:
     count, names = channels
     return f"{count} channel(s)" + (f" {list(names)}" if names else "")
@@ -652,7 +662,7 @@ def _validate_case(
             f"label affine differs from image affine ({path0.name}) by more than {affine_atol} mm: "
             f"label {np.round(label_img.affine, 4).tolist()} vs image {np.round(affine0, 4).tolist()}",
         )
-    raw_values = np.unique(label)
+    raw_values = _distinct_values(label)
     classes = np.unique(remap_labels(raw_values, label_map))
     bad = classes[(classes < 0) | (classes >= num_classes)]
     if bad.size:

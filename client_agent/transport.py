@@ -26,6 +26,7 @@ T = TypeVar("T")
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 MAX_MESSAGE_BYTES = 4 << 20
+MAX_DIGEST_FAILURES = 3
 
 
 class Refused(Exception):
@@ -117,9 +118,15 @@ class AggregatorClient:
         return response.round
 
     def download(self, round_id: int, site: str, dest: Path) -> Downloaded:
-        """Stream a round's global model to ``dest`` (atomically) and check its digest."""
+        """Stream a round's global model to ``dest`` (atomically) and check its digest.
+
+        A digest mismatch is retried like a dropped connection, but only ``MAX_DIGEST_FAILURES``
+        times: a mismatch that persists is a broken aggregator, not a flaky link.
+        """
+        mismatches = 0
 
         def attempt() -> Downloaded:
+            nonlocal mismatches
             sha = hashlib.sha256()
             nbytes = 0
             digest = ""
@@ -141,6 +148,10 @@ class AggregatorClient:
                 codec.write_frames(fh, payloads())
             if digest and sha.hexdigest() != digest:
                 tmp.unlink(missing_ok=True)
+                mismatches += 1
+                if mismatches >= MAX_DIGEST_FAILURES:
+                    raise Refused(grpc.StatusCode.DATA_LOSS, f"model of round {got_round} arrived corrupted "
+                                  f"{mismatches} times (digest {sha.hexdigest()[:16]}… != {digest[:16]}…)")
                 # A corrupted transfer is worth another try, like a dropped connection.
                 raise _TransientError(f"model digest mismatch for round {got_round}")
             tmp.replace(dest)

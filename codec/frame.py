@@ -183,7 +183,10 @@ def unpack_frame(frame: Any) -> tuple[FrameHeader, memoryview]:
     """
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise CodecError(f"a frame must be bytes, got {type(frame).__name__}")
-    view = memoryview(frame).cast("B") if isinstance(frame, memoryview) else memoryview(frame)
+    try:
+        view = memoryview(frame).cast("B")
+    except TypeError as exc:  # a non-contiguous or multi-dimensional view
+        raise CodecError(f"a frame must be a contiguous byte buffer ({exc})") from None
     if len(view) > MAX_FRAME_BYTES:
         raise CodecError(f"frame of {len(view)} bytes exceeds the limit of {MAX_FRAME_BYTES}")
     if len(view) < _PREFIX.size:

@@ -1,6 +1,7 @@
 """Top-k selection: which positions of a tensor are sent this round.
 
-Both scopes keep the ``k`` largest magnitudes, break ties at the threshold by position (first
+Magnitudes are float32 (exact for float16/float32 tensors) or float64 for float64 tensors, so
+values below float32's range still rank. Both scopes keep the ``k`` largest magnitudes, break ties at the threshold by position (first
 come, first kept, in tensor order) and never send an exact zero (it carries nothing). They
 return sorted flat int64 positions, which the index coders need anyway.
 
@@ -18,9 +19,6 @@ import numpy as np
 
 __all__ = ["keep_count", "top_k_positions", "threshold_positions", "GlobalThreshold", "Threshold"]
 
-_TINY = np.float32(np.nextafter(np.float32(0), np.float32(1)))
-
-
 def keep_count(fraction: float, n: int) -> int:
     """Entries kept out of ``n`` at ``fraction``: ``ceil(fraction * n)``, so any non-empty tensor sends one."""
     if fraction >= 1.0:
@@ -32,14 +30,14 @@ def keep_count(fraction: float, n: int) -> int:
 class Threshold:
     """Keep magnitudes ``> value`` and the first ``ties`` magnitudes ``== value`` (in tensor order)."""
 
-    value: np.float32
+    value: np.floating
     ties: int
 
 
 def threshold_positions(magnitude: np.ndarray, threshold: Threshold) -> tuple[np.ndarray, int]:
     """Positions selected by ``threshold`` in one tensor, and how many ties they used up.
 
-    ``magnitude`` is a 1-D float32 array of absolute values.
+    ``magnitude`` is a 1-D float array of absolute values.
     """
     value = threshold.value
     if value <= 0:  # fewer non-zeros than k: send every non-zero
@@ -54,16 +52,45 @@ def threshold_positions(magnitude: np.ndarray, threshold: Threshold) -> tuple[np
 
 
 def top_k_positions(magnitude: np.ndarray, k: int) -> np.ndarray:
-    """Sorted positions of the ``k`` largest entries of ``magnitude`` (1-D float32, >= 0), zeros dropped."""
+    """Sorted positions of the ``k`` largest entries of ``magnitude`` (1-D float, >= 0), zeros dropped."""
     n = magnitude.size
     if k <= 0 or n == 0:
         return np.zeros(0, dtype=np.int64)
     if k >= n:
         return np.flatnonzero(magnitude > 0)
-    value = np.partition(magnitude, n - k)[n - k]
-    above = int(np.count_nonzero(magnitude > value)) if value > 0 else 0
-    positions, _ = threshold_positions(magnitude, Threshold(np.float32(value), k - above))
-    return positions
+    candidates = _candidates(magnitude, k) if n >= _SAMPLE_MIN and 4 * k < n else None
+    pool = magnitude if candidates is None else magnitude[candidates]
+    value = np.partition(pool, pool.size - k)[pool.size - k]
+    if value <= 0:  # fewer non-zeros than k: send every non-zero
+        chosen = np.flatnonzero(pool > 0)
+    else:
+        chosen = np.flatnonzero(pool > value)
+        if chosen.size < k:  # ties at the threshold: the first ones in tensor order
+            ties = np.flatnonzero(pool == value)[: k - chosen.size]
+            chosen = np.sort(np.concatenate((chosen, ties)))
+    return chosen if candidates is None else candidates[chosen]
+
+
+_SAMPLE_STRIDE = 64
+_SAMPLE_MIN = 1 << 15
+
+
+def _candidates(magnitude: np.ndarray, k: int) -> np.ndarray | None:
+    """Sorted positions of a superset of the top ``k`` (about ``2 k`` of them), or None.
+
+    A strided sample estimates a threshold a little below the k-th largest; one comparison pass
+    then keeps every entry at or above it. If fewer than ``k`` pass (an unlucky sample), the
+    caller partitions the whole array instead, so the result never depends on the sample:
+    all entries >= the true k-th largest (ties included) are among the candidates, in order.
+    This replaces an O(n) copy + partition of the whole tensor by a compare + a small partition.
+    """
+    sample = magnitude[::_SAMPLE_STRIDE]
+    wanted = min(sample.size, 2 * (k // _SAMPLE_STRIDE) + 16)
+    estimate = np.partition(sample, sample.size - wanted)[sample.size - wanted]
+    if estimate <= 0:
+        return None
+    candidates = np.flatnonzero(magnitude >= estimate)
+    return candidates if candidates.size >= k else None
 
 
 class GlobalThreshold:
@@ -78,15 +105,18 @@ class GlobalThreshold:
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         self.k = k
-        self._floor = _TINY  # zeros are never sent
+        self._floor: np.floating | None = None  # None: only zeros are filtered out
         self._chunks: list[np.ndarray] = []
         self._held = 0
 
     def add(self, magnitude: np.ndarray) -> None:
-        """Take one tensor's magnitudes (1-D float32, >= 0)."""
+        """Take one tensor's magnitudes (1-D float32 or float64, >= 0)."""
         if self.k == 0 or magnitude.size == 0:
             return
-        candidates = magnitude[magnitude >= self._floor]
+        if self._floor is None:
+            candidates = magnitude[magnitude > 0]  # zeros are never sent
+        else:
+            candidates = magnitude[magnitude >= _round_down(self._floor, magnitude.dtype)]
         if candidates.size == 0:
             return
         self._chunks.append(candidates)
@@ -99,7 +129,7 @@ class GlobalThreshold:
         if pool.size > self.k:
             pool = np.partition(pool, pool.size - self.k)[pool.size - self.k :]
             # Every later value below the current k-th largest can never make the cut.
-            self._floor = max(self._floor, np.float32(pool.min()))
+            self._floor = pool.min()
         self._chunks = [pool]
         self._held = pool.size
 
@@ -113,5 +143,13 @@ class GlobalThreshold:
         pool = self._chunks[0]
         if pool.size < self.k:
             return Threshold(np.float32(0), 0)
-        value = np.float32(pool.min())
+        value = pool.min()
         return Threshold(value, self.k - int(np.count_nonzero(pool > value)))
+
+
+def _round_down(value: np.floating, dtype: np.dtype) -> np.floating:
+    """``value`` in ``dtype`` (so comparisons stay in the array's dtype), never above ``value``."""
+    cast = dtype.type(value)
+    if cast > value:
+        cast = np.nextafter(cast, dtype.type(-np.inf))
+    return cast

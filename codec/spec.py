@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -54,7 +55,7 @@ class CodecSpec:
 
     def __post_init__(self) -> None:
         fraction = self.top_k_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
             raise CodecError(f"top_k_fraction must be a number in (0, 1], got {fraction!r}")
         if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
             raise CodecError(f"top_k_fraction must be in (0, 1], got {fraction}")
@@ -63,7 +64,7 @@ class CodecSpec:
             raise CodecError(f"top_k_scope must be one of {TOP_K_SCOPES}, got {self.top_k_scope!r}")
         if self.quantization not in QUANTIZATIONS:
             raise CodecError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        _check_int("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
+        self._set_int("block_size", 1, MAX_BLOCK_SIZE)
         if not isinstance(self.stochastic_rounding, bool):
             raise CodecError(f"stochastic_rounding must be a bool, got {self.stochastic_rounding!r}")
         if self.stochastic_rounding and self.quantization not in ("int8", "int4"):
@@ -71,8 +72,18 @@ class CodecSpec:
                 "stochastic_rounding applies to quantization 'int8' or 'int4' only, "
                 f"got quantization={self.quantization!r}"
             )
-        _check_int("zstd_level", self.zstd_level, 0, MAX_ZSTD_LEVEL, note=" (0 = no zstd)")
-        _check_int("seed", self.seed, 0, _MAX_SEED)
+        self._set_int("zstd_level", 0, MAX_ZSTD_LEVEL, note=" (0 = no zstd)")
+        self._set_int("seed", 0, _MAX_SEED)
+
+    def _set_int(self, name: str, low: int, high: int, note: str = "") -> None:
+        """Check an integer field (numpy integers accepted) and store it as a plain int."""
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise CodecError(f"{name} must be an integer in [{low}, {high}]{note}, got {value!r}")
+        value = int(value)
+        if not low <= value <= high:
+            raise CodecError(f"{name} must be in [{low}, {high}]{note}, got {value}")
+        object.__setattr__(self, name, value)
 
     @property
     def lossless(self) -> bool:
@@ -114,7 +125,7 @@ class CodecSpec:
         level = get("zstd_level")
         if level is None or level == 0:
             kwargs["zstd_level"] = defaults.zstd_level
-        elif isinstance(level, int) and not isinstance(level, bool) and level < 0:
+        elif isinstance(level, numbers.Integral) and not isinstance(level, bool) and level < 0:
             kwargs["zstd_level"] = 0
         else:
             kwargs["zstd_level"] = level
@@ -130,13 +141,6 @@ class CodecSpec:
         if self.zstd_level == 0:
             values["zstd_level"] = -1
         return values
-
-
-def _check_int(name: str, value: Any, low: int, high: int, note: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise CodecError(f"{name} must be an integer in [{low}, {high}]{note}, got {value!r}")
-    if not low <= value <= high:
-        raise CodecError(f"{name} must be in [{low}, {high}]{note}, got {value}")
 
 
 LOSSLESS = CodecSpec()

@@ -184,7 +184,10 @@ def decode_indices(coding: str, data: bytes | memoryview, n: int, k: int, what: 
 class ValueCoder(Protocol):
     """Codes a 1-D run of values; ``decode(encode(x))`` is what the receiver sees."""
 
-    tag: str
+    @property
+    def tag(self) -> str:
+        """The stage name in headers."""
+        ...
 
     def params(self) -> dict[str, Any]:
         """Header parameters needed to decode (besides the tag)."""
@@ -218,7 +221,7 @@ class RawCoder:
 
     def encode(self, values: np.ndarray, rng: np.random.Generator | None) -> bytes | memoryview:
         little = values.astype(values.dtype.newbyteorder("<"), copy=False)
-        return memoryview(np.ascontiguousarray(little).reshape(-1).view(np.uint8))
+        return np.ascontiguousarray(little).reshape(-1).view(np.uint8).data
 
     def decode(self, data: bytes | memoryview, count: int, dtype: np.dtype, what: str) -> np.ndarray:
         values = np.frombuffer(data, dtype=dtype, count=count)
@@ -229,7 +232,11 @@ class RawCoder:
 
 @dataclass(frozen=True)
 class Fp16Coder:
-    """IEEE half precision; magnitudes beyond 65504 are clipped (fp16 would make them inf)."""
+    """IEEE half precision, rounded to nearest.
+
+    Magnitudes beyond fp16's 65504 cannot be sent (fp16 would make them inf): they are clipped to
+    +-65504, or sent as 0 where the clipped value would make ``values - decoded`` inexact.
+    """
 
     tag = "fp16"
 
@@ -240,8 +247,18 @@ class Fp16Coder:
         return 2 * count
 
     def encode(self, values: np.ndarray, rng: np.random.Generator | None) -> bytes | memoryview:
-        clipped = np.clip(values.astype(_F32, copy=False), -_FP16_MAX, _FP16_MAX)
-        return clipped.astype("<f2").tobytes()
+        as32 = values.astype(_F32, copy=False)
+        half = np.clip(as32, -_FP16_MAX, _FP16_MAX).astype("<f2")
+        # Nearest rounding keeps decoded within a factor 2 of the value, so values - decoded is
+        # exact (Sterbenz); only clipped values may break that: send 0 there instead, so the
+        # whole value stays in the error-feedback residual, exactly.
+        clipped = np.flatnonzero(np.abs(as32) > _FP16_MAX)
+        if clipped.size:
+            original = values[clipped]
+            decoded = half[clipped].astype(values.dtype)
+            bad = (original - decoded) + decoded != original
+            half[clipped[bad]] = 0
+        return half.tobytes()
 
     def decode(self, data: bytes | memoryview, count: int, dtype: np.dtype, what: str) -> np.ndarray:
         return np.frombuffer(data, dtype="<f2", count=count).astype(dtype)
@@ -262,7 +279,7 @@ class IntCoder:
     stochastic: bool = False
 
     @property
-    def tag(self) -> str:  # type: ignore[override]
+    def tag(self) -> str:
         return f"int{self.bits}"
 
     @property

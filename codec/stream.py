@@ -103,16 +103,22 @@ def _items(tensors: NamedTensors) -> Iterable[tuple[str, Any]]:
     return tensors.items() if isinstance(tensors, Mapping) else tensors
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _magnitude(flat: np.ndarray, name: str) -> np.ndarray:
-    """|flat| as float32 (the ranking key of top-k), refusing NaN/Inf."""
-    magnitude = np.abs(flat).astype(_F32, copy=False)
-    _check_finite(magnitude, name)
+    """|flat|, the ranking key of top-k: float64 for float64 tensors, else float32 (exact)."""
+    magnitude = np.abs(flat)
+    if magnitude.dtype != np.float64:
+        magnitude = magnitude.astype(_F32, copy=False)
+    _check_magnitude(magnitude, name)
     return magnitude
 
 
-def _check_finite(values: np.ndarray, name: str) -> None:
-    # max() propagates NaN, so one reduction finds NaN and Inf without a boolean temporary.
-    if values.size and not np.isfinite(np.max(np.abs(values.astype(_F32, copy=False)))):
+def _check_magnitude(magnitude: np.ndarray, name: str) -> None:
+    # max() propagates NaN, so one reduction finds NaN and Inf without a boolean temporary;
+    # the quantizers work in float32, so larger float64 values are refused too.
+    if magnitude.size and not float(magnitude.max()) <= _F32_MAX:
         raise CodecError(
             f"tensor {name!r} has NaN/Inf values (or values beyond float32 range); lossy encoding needs "
             "finite values"
@@ -496,8 +502,12 @@ def _encode_stream(
             )
         threshold = _global_threshold(tensors, spec, effective)
     ties_left = threshold.ties if threshold is not None else 0
+    seen: set[str] = set()
     for name, value in _items(tensors):
         name = check_name(name)
+        if name in seen:
+            raise CodecError(f"tensor {name!r} appears twice in the input; names must be unique")
+        seen.add(name)
         array = effective(name, as_array(value, name))
         positions = None
         lossy = array.dtype.kind == "f" and not spec.lossless
@@ -512,7 +522,7 @@ def _encode_stream(
                     ties_left -= used
                 del magnitude
             else:
-                _check_finite(flat, name)
+                _check_magnitude(np.abs(flat), name)
         yield name, array, encoder.encode(name, array, positions, want_decoded)
 
 

@@ -21,10 +21,11 @@ costs a few 100k-point ``map_coordinates`` calls.
 
 **Sites** differ by a :class:`ScannerProfile`: tissue contrast (gamma, contrast, inversion), a
 multiplicative smooth bias field, blur and thick slices (loss of resolution), Rician noise, and the
-field-of-view placement (which changes class balance: at 48^3 / 2 mm a field of view centred on the
-brain holds ~4% background, one shifted 28 mm up ~13% (air above the vertex) with less grey matter;
-CSF stays near 6.5% wherever the box goes, because sulcal CSF is everywhere in the cortex). The held-out test set uses :data:`HELDOUT_PROFILE`, whose gamma and contrast
-lie outside every default site's range.
+field-of-view placement, which changes class balance: at 48^3 / 2 mm a box centred on the brain
+holds ~4% background, one shifted 28 mm up ~13% (air above the vertex) and less grey matter. CSF
+stays near 6.5% wherever the box goes, because sulcal CSF lines the whole cortex. The held-out test
+set uses :data:`HELDOUT_PROFILE`, whose gamma and contrast lie outside every default site's range.
+Images are skull-stripped, as the template is (and as BraTS distributes its scans).
 
 Output: one folder per site plus ``test/``, each in the Medical Segmentation Decathlon layout
 (``dataset.json``, ``imagesTr/``, ``labelsTr/``), images float32, labels uint8, affines carrying
@@ -308,7 +309,7 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _load_templates_cached(spacing_mm: float) -> Templates:
-    images = {key: nib.load(_template_path(key)) for key in _TEMPLATE_FILES}
+    images = {key: nib.Nifti1Image.from_filename(_template_path(key)) for key in _TEMPLATE_FILES}
     affine_1mm = images["t1"].affine
     raw = {key: np.asarray(img.dataobj, dtype=np.float32) / 255.0 for key, img in images.items()}
     brain_1mm = _fill_holes(raw["t1"] > 0).astype(np.float32)
@@ -389,7 +390,7 @@ def sample_volume(volume: np.ndarray, coords: np.ndarray, order: int) -> np.ndar
 
 
 # --------------------------------------------------------------------------------------------------
-# Scanner effects: each a small function on an (X, Y, Z) float32 volume
+# Smooth random fields (displacements, bias fields, lesion shapes)
 
 
 @functools.lru_cache(maxsize=32)
@@ -421,6 +422,10 @@ def smooth_random_field(rng: np.random.Generator, shape: Sequence[int], control:
     """Smooth random field in [-1, 1]: cubic upsampling of a ``control``-cubed Gaussian grid."""
     field = upsample_knots(rng.standard_normal((control,) * 3), shape)
     return field / max(float(np.abs(field).max()), 1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scanner effects: each a small function on an (X, Y, Z) float32 volume
 
 
 def _apply_tissue_contrast(image: np.ndarray, brain: np.ndarray, profile: ScannerProfile) -> np.ndarray:
@@ -822,7 +827,7 @@ def _folder_summary(folder: Path) -> tuple[dict[str, Any], int, dict[int, float]
     totals = dict.fromkeys(values, 0)
     voxels = 0
     for entry in dataset["training"]:
-        label = np.asarray(nib.load(folder / entry["label"]).dataobj)
+        label = np.asarray(nib.Nifti1Image.from_filename(folder / entry["label"]).dataobj)
         voxels += label.size
         for v in values:
             totals[v] += int(np.count_nonzero(label == v))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -25,12 +26,13 @@ from experiments.sitedata import (
 )
 
 # 48^3 at 2 mm (96 mm) is the smallest box in which every case holds all four tissue classes.
-SMALL = dict(sites=3, cases_per_site=(2, 1, 2), test_cases=1, size=48, spacing_mm=2.0, seed=0)
+SMALL: dict[str, Any] = dict(sites=3, cases_per_site=(2, 1, 2), test_cases=1, size=48, spacing_mm=2.0, seed=0)
 
 
 def _cases(folder: Path) -> list[tuple[nib.Nifti1Image, nib.Nifti1Image]]:
     dataset = json.loads((folder / "dataset.json").read_text())
-    return [(nib.load(folder / e["image"]), nib.load(folder / e["label"])) for e in dataset["training"]]
+    load = nib.Nifti1Image.from_filename
+    return [(load(folder / e["image"]), load(folder / e["label"])) for e in dataset["training"]]
 
 
 def _arrays(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -169,7 +171,7 @@ def test_default_profiles_are_five_distinct_sites_and_heldout_is_outside_their_r
         (dict(test_cases=0), "test_cases must be an int >= 1"),
     ],
 )
-def test_generate_federation_rejects_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
+def test_generate_federation_rejects_bad_arguments(tmp_path: Path, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         generate_federation(tmp_path / "fed", **kwargs)
     assert not (tmp_path / "fed").exists()
@@ -239,7 +241,7 @@ def test_regenerating_with_the_same_parameters_reuses_the_folder(tissue: Federat
 
 
 def test_other_parameters_replace_an_older_generation(tmp_path: Path) -> None:
-    params = dict(sites=1, cases_per_site=1, test_cases=1, size=16)
+    params: dict[str, Any] = dict(sites=1, cases_per_site=1, test_cases=1, size=16)
     generate_federation(tmp_path / "fed", **params)
 
     generate_federation(tmp_path / "fed", **{**params, "cases_per_site": 2})

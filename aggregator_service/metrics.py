@@ -1,0 +1,121 @@
+"""A Prometheus text endpoint (``GET /metrics``) for the aggregator.
+
+Counters that describe the federation (rounds, submissions, bytes, rejections) are read from the
+store at scrape time, so they survive restarts like everything else. Submission latency is a
+property of this process, so its histogram lives in memory and starts empty after a restart — as
+Prometheus expects of a process-level histogram.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+@dataclass
+class Histogram:
+    """A cumulative Prometheus histogram over fixed buckets (thread-safe)."""
+
+    buckets: tuple[float, ...] = LATENCY_BUCKETS_S
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.buckets) + 1)
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self.counts[bisect.bisect_left(self.buckets, value)] += 1
+            self.total += value
+            self.n += 1
+
+    def lines(self, name: str) -> list[str]:
+        with self._lock:
+            out, running = [], 0
+            for bound, count in zip((*self.buckets, float("inf")), self.counts):
+                running += count
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                out.append(f'{name}_bucket{{le="{le}"}} {running}')
+            out += [f"{name}_sum {self.total}", f"{name}_count {self.n}"]
+            return out
+
+
+def render(status: dict[str, Any], latency: Histogram) -> str:
+    """The exposition text for one scrape, from ``rounds.status`` and the latency histogram."""
+    view = status["round"]
+    lines = [
+        "# HELP fedseg_round_current The round now open (or the last one, once finished).",
+        "# TYPE fedseg_round_current gauge",
+        f"fedseg_round_current {view.round_id}",
+        "# HELP fedseg_rounds_completed_total Rounds closed.",
+        "# TYPE fedseg_rounds_completed_total counter",
+        f"fedseg_rounds_completed_total {status['rounds_completed']}",
+        "# HELP fedseg_federation_finished 1 once the federation has run all its rounds.",
+        "# TYPE fedseg_federation_finished gauge",
+        f"fedseg_federation_finished {int(view.state == 'finished')}",
+        "# HELP fedseg_round_submissions Submissions committed to the current round.",
+        "# TYPE fedseg_round_submissions gauge",
+        f"fedseg_round_submissions {len(view.submitted_sites)}",
+        "# HELP fedseg_sites_joined Sites that have joined.",
+        "# TYPE fedseg_sites_joined gauge",
+        f"fedseg_sites_joined {len(status['sites_seen'])}",
+        "# HELP fedseg_submissions_total Submissions committed over all rounds.",
+        "# TYPE fedseg_submissions_total counter",
+        f"fedseg_submissions_total {status['submissions_total']}",
+        "# HELP fedseg_bytes_received_total Update bytes received.",
+        "# TYPE fedseg_bytes_received_total counter",
+        f"fedseg_bytes_received_total {status['bytes_in']}",
+        "# HELP fedseg_bytes_sent_total Model bytes sent.",
+        "# TYPE fedseg_bytes_sent_total counter",
+        f"fedseg_bytes_sent_total {status['bytes_out']}",
+        "# HELP fedseg_rejections_total Refused requests by reason.",
+        "# TYPE fedseg_rejections_total counter",
+    ]
+    for reason, count in sorted(status["rejections"].items()):
+        lines.append(f'fedseg_rejections_total{{reason="{reason}"}} {count}')
+    lines += [
+        "# HELP fedseg_submission_seconds Time from an upload's first message to its receipt.",
+        "# TYPE fedseg_submission_seconds histogram",
+        *latency.lines("fedseg_submission_seconds"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def serve_metrics(listen: str, scrape: Callable[[], str]) -> ThreadingHTTPServer:
+    """Serve ``scrape()`` at ``/metrics`` on ``HOST:PORT`` (port 0 picks one) in a daemon thread."""
+    host, _, port = listen.rpartition(":")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path.split("?")[0] != "/metrics":
+                self.send_error(404, "only /metrics is served here")
+                return
+            try:
+                body = scrape().encode()
+            except Exception as exc:  # a scrape must not take the server down
+                log.exception("metrics scrape failed")
+                self.send_error(500, f"scrape failed: {exc}")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("metrics: " + format, *args)
+
+    server = ThreadingHTTPServer((host.strip("[]") or "0.0.0.0", int(port)), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

@@ -1,0 +1,165 @@
+"""Pickle-free model checkpoints that rebuild their own network.
+
+File layout: ``torch.save`` of a plain dict, readable with ``torch.load(weights_only=True)``::
+
+    {"format": "fedsegnet-checkpoint",
+     "version": 1,
+     "meta": JSON string {"architecture": str, "config": {...}, "extra": {...}},
+     "state_dict": {name: tensor}}
+
+``config`` holds exactly the keyword arguments of :func:`model.build_model` (``in_channels``,
+``out_channels``, ``img_size`` and the architecture's options), so loading needs nothing but the
+file. Only tensors, strings and ints are stored: ``weights_only=True`` refuses anything else,
+so a checkpoint from an untrusted site cannot run code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.registry import build_model
+
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint"]
+
+CHECKPOINT_FORMAT = "fedsegnet-checkpoint"
+CHECKPOINT_VERSION = 1
+_REQUIRED_CONFIG = ("in_channels", "out_channels", "img_size")
+
+
+def _to_json(name: str, value: Any) -> str:
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be JSON-serialisable (plain numbers, strings, lists, dicts): {exc}") from exc
+
+
+def _check_config(config: Mapping[str, Any]) -> None:
+    missing = [k for k in _REQUIRED_CONFIG if k not in config]
+    if missing:
+        raise ValueError(
+            f"config is missing {missing}: it must hold build_model's keyword arguments "
+            f"({', '.join(_REQUIRED_CONFIG)} and the architecture's options)"
+        )
+
+
+def _check_matches(architecture: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    # Rebuild the network now, to catch at save time a config that would rebuild a different network
+    # than the weights belong to. The meta device costs no memory or compute; a constructor that
+    # needs real values (SwinUNETR calls .item()) is built on the CPU instead.
+    try:
+        with torch.device("meta"):
+            expected = build_model(architecture, **dict(config)).state_dict()
+    except (RuntimeError, NotImplementedError):
+        expected = build_model(architecture, **dict(config)).state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"state_dict does not match architecture {architecture!r} with config {dict(config)}: "
+            f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+        )
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"state_dict entry {name!r} has shape {tuple(state[name].shape)}, "
+                f"architecture {architecture!r} with this config expects {tuple(tensor.shape)}"
+            )
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # fsync the directory so the rename itself survives a crash.
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories; the data itself is already synced
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    *,
+    architecture: str,
+    config: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``model_or_state_dict`` to ``path`` atomically (temp file, fsync, rename).
+
+    Args:
+        path: destination file; its folder is created when missing.
+        model_or_state_dict: the network, or its ``state_dict`` (name -> tensor).
+        architecture: the name given to :func:`model.build_model`.
+        config: ``build_model``'s keyword arguments: ``in_channels``, ``out_channels``,
+            ``img_size`` and options. Checked against the weights before writing.
+        extra: optional JSON-serialisable metadata (round, metrics, …).
+
+    Raises:
+        ValueError: config or extra not JSON-serialisable, config incomplete, or weights not
+            matching the network the config describes.
+    """
+    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"state_dict entries must be tensors; not tensors: {bad[:5]}")
+    _check_config(config)
+    meta = _to_json("config/extra", {"architecture": architecture, "config": dict(config), "extra": dict(extra or {})})
+    _check_matches(architecture, config, state)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "meta": meta,
+        # clone(): a view into a larger storage would otherwise save the whole storage
+        "state_dict": {k: v.detach().cpu().clone().contiguous() for k, v in state.items()},
+    }
+    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint` and rebuild its network.
+
+    Returns:
+        ``(model, meta)``: the network built with :func:`model.build_model` from the stored
+        architecture and config, with the stored weights, in the mode ``build_model`` gives
+        (train); and ``meta = {"architecture", "config", "extra", "version"}``.
+
+    Raises:
+        ValueError: the file is not a FedSegNet checkpoint or has an unknown version.
+    """
+    payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a FedSegNet checkpoint (no format tag {CHECKPOINT_FORMAT!r})")
+    version = payload.get("version")
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {version!r} is not supported (this code reads {CHECKPOINT_VERSION})")
+    meta = json.loads(payload["meta"])
+    net = build_model(meta["architecture"], **meta["config"])
+    net.load_state_dict(payload["state_dict"], strict=True)
+    net.to(map_location)
+    return net, {**meta, "version": version}

@@ -1,0 +1,70 @@
+"""Whole-volume inference by overlapping windows."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+__all__ = ["sliding_window_predict"]
+
+log = logging.getLogger(__name__)
+
+
+def _round_up(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
+
+
+def sliding_window_predict(
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    roi_size: Sequence[int],
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
+    mode: str = "gaussian",
+) -> torch.Tensor:
+    """Class probabilities for a whole volume: ``(B, C_in, D, H, W) -> (B, C_out, D, H, W)``.
+
+    Wraps ``monai.inferers.sliding_window_inference``: windows of ``roi_size`` overlapping by
+    ``overlap`` go through ``model`` (which returns logits), softmax turns each window's logits
+    into probabilities, and overlapping windows are blended (Gaussian weights by default, which
+    trust window centres more than borders). The result sums to 1 over the channel axis.
+
+    Sizes: ``roi_size`` is rounded up to a multiple of the model's ``size_divisor`` (from
+    :func:`model.build_model`; 1 when absent), and MONAI pads a volume smaller than the window and
+    crops the result back, so any volume size works. A model with a ``fixed_input_size``
+    (UNETR) needs ``roi_size`` equal to it.
+
+    The model's mode is left as it is (call ``model.eval()`` first); no gradients are computed.
+    """
+    if image.ndim != 5:
+        raise ValueError(f"image must be (B, C, D, H, W), got shape {tuple(image.shape)}")
+    roi = tuple(int(s) for s in roi_size)
+    if len(roi) != 3 or any(s < 1 for s in roi):
+        raise ValueError(f"roi_size must be three positive ints (D, H, W), got {tuple(roi_size)}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+
+    fixed = getattr(model, "fixed_input_size", None)
+    if fixed is not None and tuple(fixed) != roi:
+        raise ValueError(f"this model only accepts inputs of size {tuple(fixed)}; pass roi_size={tuple(fixed)}, got {roi}")
+    divisor = int(getattr(model, "size_divisor", 1))
+    padded_roi = tuple(_round_up(s, divisor) for s in roi)
+    if padded_roi != roi:
+        log.info("roi_size %s rounded up to %s, a multiple of the model's size divisor %d", roi, padded_roi, divisor)
+
+    def predict(window: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(model(window).float(), dim=1)
+
+    with torch.no_grad():
+        out = sliding_window_inference(
+            image, padded_roi, sw_batch_size, predict, overlap=overlap, mode=mode
+        )
+    assert isinstance(out, torch.Tensor)  # one output head: MONAI returns a tensor, not a tuple/dict
+    return out.as_tensor() if hasattr(out, "as_tensor") else out

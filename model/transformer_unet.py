@@ -1,0 +1,139 @@
+"""FedSegNet's network: a 3D U-Net whose bottleneck is a transformer encoder.
+
+Layout (``channels = (c0, c1, …, cL)``, ``L = len(channels) - 1`` downsamplings)::
+
+    x (B, C_in, D, H, W)
+      stem   ConvBlock(C_in → c0)                        → s0 (B, c0, D, H, W)
+      down1  DownBlock(c0 → c1) + ConvBlock(c1)          → s1 (B, c1, D/2, H/2, W/2)
+      …
+      downL  DownBlock(c(L-1) → cL) + ConvBlock(cL)      → b  (B, cL, D/2^L, H/2^L, W/2^L)
+      bottleneck  TransformerBottleneck(cL)               (identity when num_transformer_layers == 0)
+      upL    ConvTranspose(cL → c(L-1)), concat s(L-1), ConvBlock
+      …
+      up1    ConvTranspose(c1 → c0), concat s0, ConvBlock → (B, c0, D, H, W)
+      head   Conv1x1x1(c0 → C_out)                        → logits (B, C_out, D, H, W)
+
+The forward pass returns **logits**: softmax over the channel axis is applied by the loss
+(:class:`model.losses.DiceCELoss`) and by inference (:func:`model.inference.sliding_window_predict`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from model.blocks import ConvBlock, DownBlock, TransformerBottleneck, UpBlock
+
+__all__ = ["TransformerUNet3D"]
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class TransformerUNet3D(nn.Module):
+    """3D U-Net with a transformer bottleneck: ``(B, in_channels, D, H, W) -> logits (B, out_channels, D, H, W)``.
+
+    Args (keyword-only):
+        in_channels: image channels (modalities), >= 1.
+        out_channels: classes including background, >= 1.
+        channels: feature width of each encoder level, coarsest last; ``len(channels) - 1``
+            strided-conv downsamplings, so ``D, H, W`` must be divisible by :attr:`size_divisor`
+            ``= 2 ** (len(channels) - 1)``.
+        num_transformer_layers: transformer blocks at the bottleneck; ``0`` gives a plain residual
+            CNN U-Net (the ``cnn_unet`` ablation).
+        num_heads: attention heads; must divide ``channels[-1]``.
+        mlp_ratio: width of each transformer MLP relative to ``channels[-1]``, > 0.
+        dropout: dropout probability inside the transformer (attention, MLP, position encoding), in [0, 1).
+
+    Normalisation is affine InstanceNorm (conv path) and LayerNorm (tokens): there is no BatchNorm,
+    so every ``state_dict`` entry is a floating-point tensor and federated averaging treats all
+    entries alike; InstanceNorm also behaves the same at batch size 1, the usual 3D batch size.
+    """
+
+    #: the only spatial input size accepted, or None for any multiple of :attr:`size_divisor`
+    fixed_input_size: tuple[int, int, int] | None = None
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int] = (16, 32, 64, 128),
+        num_transformer_layers: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _positive_int("in_channels", in_channels)
+        _positive_int("out_channels", out_channels)
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or len(channels) < 1:
+            raise ValueError(f"channels must be a non-empty sequence of positive ints (one per level), got {channels!r}")
+        chans = tuple(_positive_int(f"channels[{i}]", c) for i, c in enumerate(channels))
+        if isinstance(num_transformer_layers, bool) or not isinstance(num_transformer_layers, int) or num_transformer_layers < 0:
+            raise ValueError(f"num_transformer_layers must be an int >= 0, got {num_transformer_layers!r}")
+        _positive_int("num_heads", num_heads)
+        if num_transformer_layers > 0 and chans[-1] % num_heads != 0:
+            raise ValueError(
+                f"num_heads ({num_heads}) must divide the bottleneck width channels[-1] ({chans[-1]}); "
+                f"choose num_heads among {[h for h in range(1, chans[-1] + 1) if chans[-1] % h == 0]}"
+            )
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be a number > 0, got {mlp_ratio!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.channels = chans
+        self.num_transformer_layers = num_transformer_layers
+        #: every spatial size of the input must be a multiple of this
+        self.size_divisor: int = 2 ** (len(chans) - 1)
+
+        self.stem = ConvBlock(in_channels, chans[0])
+        self.down = nn.ModuleList(
+            nn.Sequential(DownBlock(c_in, c_out), ConvBlock(c_out, c_out)) for c_in, c_out in zip(chans[:-1], chans[1:])
+        )
+        self.bottleneck: nn.Module
+        if num_transformer_layers > 0:
+            self.bottleneck = TransformerBottleneck(
+                chans[-1], num_layers=num_transformer_layers, num_heads=num_heads, mlp_ratio=float(mlp_ratio),
+                dropout=float(dropout),
+            )
+        else:
+            self.bottleneck = nn.Identity()
+        # Decoder from coarse to fine: up[0] goes from level L to L-1.
+        self.up = nn.ModuleList(UpBlock(c_in, c_out) for c_in, c_out in zip(chans[:0:-1], chans[-2::-1]))
+        self.head = nn.Conv3d(chans[0], out_channels, kernel_size=1)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` naming the problem when ``x`` is not ``(B, in_channels, D, H, W)`` with divisible sizes."""
+        if x.ndim != 5:
+            raise ValueError(f"expected input of shape (B, C, D, H, W), got {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+        spatial = tuple(int(s) for s in x.shape[2:])
+        if any(s % self.size_divisor for s in spatial):
+            raise ValueError(
+                f"input spatial size {spatial} must be divisible by {self.size_divisor} "
+                f"(2 ** {len(self.channels) - 1} downsamplings); pad or crop it, e.g. to "
+                f"{tuple(-(-s // self.size_divisor) * self.size_divisor for s in spatial)}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_channels, D, H, W)`` -> logits ``(B, out_channels, D, H, W)`` (no softmax)."""
+        self.check_input(x)
+        skips = []
+        y = self.stem(x)
+        for level in self.down:
+            skips.append(y)
+            y = level(y)
+        y = self.bottleneck(y)
+        for up, skip in zip(self.up, reversed(skips)):
+            y = up(y, skip)
+        return self.head(y)
