@@ -3,6 +3,7 @@
     fedseg simulate [--config FILE] [--workdir DIR]    a whole federation on this machine
     fedseg make-data OUT [...]                         generate non-IID site folders from MNI152
     fedseg init-model --config FEDERATION.toml --out FILE   the global model round 1 starts from
+    fedseg experiment table3|table4|table5|faulty-site|compression   the paper's comparisons
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from pathlib import Path
 def _simulate(args: argparse.Namespace) -> int:
     from experiments.simulate import run_simulation
 
+    from experiments.plots import plot_runs
+
     result = run_simulation(args.config, Path(args.workdir), fresh=not args.resume)
+    plots = plot_runs({"this run": result.rows}, result.workdir / "plots") if result.rows else []
     last = result.rows[-1] if result.rows else None
     print()
     if last is not None:
@@ -26,6 +30,16 @@ def _simulate(args: argparse.Namespace) -> int:
     total_down = sum(r.bytes_down for r in result.rows)
     print(f"bytes moved: {total_up / 1e6:.2f} MB up, {total_down / 1e6:.2f} MB down; {result.seconds:.0f}s in all")
     print(f"summary: {result.workdir / 'summary.json'}; final model: {result.final_model}; logs: {result.workdir / 'logs'}")
+    if plots:
+        print(f"plots: {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from experiments.experiment import run_experiment
+
+    run_experiment(args.name, results_dir=Path(args.results), work_dir=Path(args.workdir), base_config=args.config,
+                   scale=args.scale, force=args.force)
     return 0
 
 
@@ -55,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--config", required=True, help="federation TOML")
     init.add_argument("--out", required=True, help="model file to write")
     init.set_defaults(func=_init_model)
+
+    from experiments.experiment import EXPERIMENTS, SCALES
+
+    exp = sub.add_parser("experiment", help="run one of the paper's comparisons (resumable)")
+    exp.add_argument("name", choices=sorted(EXPERIMENTS))
+    exp.add_argument("--scale", choices=sorted(SCALES), default="demo",
+                     help="demo: the built-in demo's size (CPU minutes); paper: 5 sites, 50 rounds (GPU hours)")
+    exp.add_argument("--config", help="base simulation TOML (default: the built-in demo)")
+    exp.add_argument("--results", default="results", help="where results/NAME/ goes")
+    exp.add_argument("--workdir", default="runs/experiments", help="where the runs' data, stores and logs go")
+    exp.add_argument("--force", action="store_true", help="rerun methods that already have results")
+    exp.set_defaults(func=_experiment)
 
     sitedata.add_cli(sub)
     return parser

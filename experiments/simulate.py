@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, TextIO
+from typing import Any, Mapping, Sequence, TextIO
 
 from aggregator_service.config import FederationConfig, parse_federation_config
 
@@ -46,10 +46,19 @@ class SimulationSettings:
     task: str = "tissue"
     seed: int = 0
     threads_per_site: int = 0  # 0: share the machine's cores among the sites
+    # Centralized baseline: one site holding every site's cases (same code path, one agent).
+    pool_sites: bool = False
+    # Faulty-site scenario: site number k (1-based; 0: none) gets noisy labels.
+    faulty_site: int = 0
+    label_noise: float = 0.6  # fraction of its foreground voxels relabelled at random
 
     def __post_init__(self) -> None:
         if self.sites < 1:
             raise ValueError(f"simulation.sites must be >= 1, got {self.sites}")
+        if not 0 <= self.faulty_site <= self.sites:
+            raise ValueError(f"simulation.faulty_site must be in [0, {self.sites}], got {self.faulty_site}")
+        if not 0.0 <= self.label_noise <= 1.0:
+            raise ValueError(f"simulation.label_noise must be in [0, 1], got {self.label_noise}")
         object.__setattr__(self, "cases_per_site", tuple(int(n) for n in self.cases_per_site))
 
 
@@ -70,18 +79,20 @@ def load_simulation_config(path: str | Path | None = None) -> tuple[SimulationSe
     if isinstance(sim_data.get("cases_per_site"), int):
         sim_data["cases_per_site"] = [sim_data["cases_per_site"]] * int(sim_data.get("sites", 3))
     sim = SimulationSettings(**sim_data)
+    if sim.pool_sites:
+        data.setdefault("federation", {}).update(sites=["pooled"], min_clients=1, max_clients=1)
     federation = parse_federation_config(data, source=source)
     if not federation.sites:
         federation = dataclasses.replace(federation, sites=tuple(f"site-{i + 1}" for i in range(sim.sites)))
-    if len(federation.sites) != sim.sites:
+    if not sim.pool_sites and len(federation.sites) != sim.sites:
         raise ValueError(f"{source}: federation.sites lists {len(federation.sites)} sites, simulation.sites is {sim.sites}")
-    return sim, federation, _federation_toml(data, federation)
-
-
-def _federation_toml(data: Mapping[str, Any], federation: FederationConfig) -> str:
-    """The federation sections as TOML for the aggregator (tomllib cannot write, so a tiny writer)."""
     sections = {k: dict(v) for k, v in data.items()}
     sections.setdefault("federation", {})["sites"] = list(federation.sites)
+    return sim, federation, dump_toml(sections)
+
+
+def dump_toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
+    """Tables of scalars, arrays and sub-tables as TOML (tomllib reads but cannot write)."""
     lines: list[str] = []
 
     def value(v: Any) -> str:
@@ -110,6 +121,55 @@ def _federation_toml(data: Mapping[str, Any], federation: FederationConfig) -> s
     return "\n".join(lines)
 
 
+def prepare_site_dirs(data: Any, sim: SimulationSettings, out: Path) -> tuple[Path, ...]:
+    """The folders the agents read: the generated sites, pooled into one, or with one faulty site."""
+    if sim.pool_sites:
+        return (_pool(data.site_dirs, out / "pooled"),)
+    if sim.faulty_site:
+        dirs = list(data.site_dirs)
+        k = sim.faulty_site - 1
+        dirs[k] = _with_label_noise(dirs[k], out / f"{dirs[k].name}-noisy", sim.label_noise, sim.seed, data.num_classes)
+        return tuple(dirs)
+    return tuple(data.site_dirs)
+
+
+def _pool(site_dirs: Sequence[Path], dest: Path) -> Path:
+    """One MSD folder that links every site's cases (case names are unique per site)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    training = []
+    meta: dict[str, Any] = {}
+    for site in site_dirs:
+        meta = json.loads((site / "dataset.json").read_text())
+        for entry in meta["training"]:
+            for key in ("image", "label"):
+                src = (site / entry[key]).resolve()
+                link = dest / Path(entry[key]).parent.name / src.name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(src)
+            training.append(entry)
+    meta.update(name="pooled", training=training, numTraining=len(training))
+    (dest / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return dest
+
+
+def _with_label_noise(site: Path, dest: Path, fraction: float, seed: int, num_classes: int) -> Path:
+    """A copy of a site whose labels have ``fraction`` of their foreground relabelled at random."""
+    import nibabel as nib
+    import numpy as np
+
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(site, dest)
+    rng = np.random.default_rng(seed + 7919)
+    for path in sorted((dest / "labelsTr").glob("*.nii.gz")):
+        img = nib.load(str(path))
+        label = np.asarray(img.dataobj).copy()
+        foreground = np.flatnonzero(label > 0)
+        chosen = rng.choice(foreground, size=int(fraction * foreground.size), replace=False)
+        label.flat[chosen] = rng.integers(1, num_classes, size=chosen.size)
+        nib.save(nib.Nifti1Image(label.astype(img.get_data_dtype()), img.affine, img.header), str(path))
+    return dest
+
+
 def write_initial_model(config: FederationConfig, out: Path) -> Path:
     """The global model round 1 starts from: the configured network, initialised from the seed."""
     import torch
@@ -136,6 +196,8 @@ class RoundRow:
     bytes_down: int
     weights: dict[str, float]
     seconds: float
+    train_loss: float = float("nan")
+    dense_bytes_up: int = 0  # what the same updates cost as dense fp32 (the baseline of the ratio)
 
 
 @dataclass
@@ -261,9 +323,10 @@ def run_simulation(
         size=sim.size, spacing_mm=sim.spacing_mm, seed=sim.seed, task=sim.task,
     )
     stream.write(describe(data) + "\n")
+    site_dirs = prepare_site_dirs(data, sim, workdir / "data-prepared")
     initial = write_initial_model(federation, workdir / "models" / "initial.frames")
 
-    threads = sim.threads_per_site or max(1, (os.cpu_count() or 1) // sim.sites)
+    threads = sim.threads_per_site or max(1, (os.cpu_count() or 1) // len(site_dirs))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     procs = _Processes(workdir / "logs")
     port_file = workdir / "aggregator.port"
@@ -280,7 +343,7 @@ def run_simulation(
         target = f"127.0.0.1:{port}"
         stream.write(f"aggregator serving on {target} (store {store})\n")
         agents = []
-        for site, site_dir in zip(federation.sites, data.site_dirs):
+        for site, site_dir in zip(federation.sites, site_dirs, strict=True):
             name = f"agent-{site}"
             procs.start(name, [
                 sys.executable, "-m", "client_agent.cli", "--data", str(site_dir), "--aggregator", target,
@@ -292,6 +355,7 @@ def run_simulation(
         stream.write(f"{len(agents)} client agents started; logs in {procs.logdir}\n\n")
 
         client = AggregatorClient(target)
+        dense_model_bytes = _dense_bytes(initial)
         header = _table_header(federation.sites)
         stream.write(header + "\n" + "|" + "---|" * (header.count("|") - 1) + "\n")
         reported = 0
@@ -313,6 +377,8 @@ def run_simulation(
                     bytes_down=sum(s.bytes_downloaded for s in metrics.sites),
                     weights={s.site: s.weight for s in metrics.sites},
                     seconds=now - last,
+                    train_loss=metrics.aggregate.train_loss,
+                    dense_bytes_up=len(metrics.sites) * dense_model_bytes,
                 )
                 last = now
                 result.rows.append(row)
@@ -335,14 +401,21 @@ def run_simulation(
     return result
 
 
+def _dense_bytes(model_path: Path) -> int:
+    import codec
+
+    return sum(4 * a.size for a in codec.load_tensors(model_path).values())
+
+
 def _table_header(sites: tuple[str, ...]) -> str:
     cols = ["round", *(f"{s} local Dice" for s in sites), "global Dice (held-out)", "global HD95 mm",
-            "MB up", "MB down", "s"]
+            "MB up", "× smaller than fp32", "MB down", "s"]
     return "| " + " | ".join(cols) + " |"
 
 
 def _table_row(row: RoundRow, sites: tuple[str, ...]) -> str:
     cols = [str(row.round_id), *(f"{row.site_dice.get(s, float('nan')):.4f}" for s in sites),
             f"{row.global_metrics['dice']:.4f}", f"{row.global_metrics['hd95']:.2f}",
-            f"{row.bytes_up / 1e6:.3f}", f"{row.bytes_down / 1e6:.3f}", f"{row.seconds:.1f}"]
+            f"{row.bytes_up / 1e6:.3f}", f"{row.dense_bytes_up / max(row.bytes_up, 1):.1f}",
+            f"{row.bytes_down / 1e6:.3f}", f"{row.seconds:.1f}"]
     return "| " + " | ".join(cols) + " |"
