@@ -32,6 +32,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 COMPRESSED = {"top_k_fraction": 0.01, "quantization": "int8", "zstd_level": 3}
+TOP10 = {"top_k_fraction": 0.1, "quantization": "int8", "zstd_level": 3}
 DENSE = {"top_k_fraction": 1.0, "quantization": "fp32", "zstd_level": 3}
 
 
@@ -45,6 +46,7 @@ METHODS: dict[str, Method] = {
     "centralized": Method("Centralized (pooled data, Transformer U-Net)", {"simulation": {"pool_sites": True}}),
     "fedavg_dense": Method("FedAvg, dense fp32", {"aggregation": {"strategy": "fedavg"}, "codec": DENSE}),
     "fedavg_compressed": Method("FedAvg, top-1% int8", {"aggregation": {"strategy": "fedavg"}, "codec": COMPRESSED}),
+    "fedavg_top10": Method("FedAvg, top-10% int8", {"aggregation": {"strategy": "fedavg"}, "codec": TOP10}),
     "unet_federated": Method(
         "Federated U-Net (MONAI UNet, FedAvg, dense)",
         {"model": {"architecture": "unet", "options": {"channels": [8, 16, 32, 64], "strides": [2, 2, 2],
@@ -71,7 +73,7 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "table4": ("fedavg_dense", "fedavg_compressed", "fedsegnet"),
     "table5": ("fedsegnet", "fedsegnet_no_transformer", "fedsegnet_no_aam"),
     "faulty-site": ("faulty_fedavg", "faulty_aam"),
-    "compression": ("fedavg_dense", "fedavg_compressed"),
+    "compression": ("fedavg_dense", "fedavg_top10", "fedavg_compressed"),
 }
 
 SCALES: dict[str, Mapping[str, Any]] = {
@@ -125,7 +127,9 @@ def run_experiment(
     text = (Path(base_config).read_text() if base_config
             else resources.files("experiments.configs").joinpath(DEFAULT_CONFIG).read_text())
     base = tomllib.loads(text)
-    out = results_dir / name
+    # Another base configuration is another experiment: keep its results apart.
+    tag = name if base_config is None else f"{name}-{Path(base_config).stem}"
+    out = results_dir / tag
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, Any]] = {}
     for method in EXPERIMENTS[name]:
@@ -140,7 +144,7 @@ def run_experiment(
                 runs[method] = previous
                 continue
         stream.write(f"[{name}] {method}: {METHODS[method].label}\n")
-        workdir = work_dir / scale / method
+        workdir = work_dir / scale / tag / method
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "sim.toml").write_text(config_text)
         started = time.monotonic()

@@ -23,7 +23,12 @@ def plot_runs(runs: Mapping[str, Sequence[RoundRow]], out_dir: Path) -> list[Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
+    from matplotlib.ticker import MaxNLocator
+
     def save(fig, name: str) -> None:  # type: ignore[no-untyped-def]
+        for ax in fig.axes:
+            if ax.get_xlabel() == "round":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         path = out_dir / name
         fig.tight_layout()
         fig.savefig(path, dpi=120)

@@ -192,3 +192,58 @@ def test_restart_with_a_different_configuration_is_refused(store: Store) -> None
 def test_empty_store_without_initial_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="--initial-model"):
         rounds.initialize(Store(tmp_path / "s"), config(), None, now=0.0)
+
+
+def test_aam_gives_a_wildly_divergent_site_no_weight(tmp_path: Path) -> None:
+    cfg = config(strategy="aam", sites=("a", "b", "c", "d"), max_clients=4)
+    initial = tmp_path / "i.frames"
+    codec.save_tensors(initial, MODEL.items())
+    store = Store(tmp_path / "aam")
+    rounds.initialize(store, cfg, initial, now=0.0)
+    for site in ("a", "b", "c"):
+        submit(store, site, deltas(0.1), cfg=cfg)
+    submit(store, "d", deltas(100.0), cfg=cfg)  # 1000x the others' norm: a poisoned update
+    result = rounds.close_round(store, cfg, now=1.0)
+    assert result["sites"]["d"]["weight"] == 0.0
+    assert result["sites"]["a"]["weight"] == pytest.approx(1 / 3)
+    new = codec.load_tensors(store.model_path(2))
+    np.testing.assert_allclose(new["w"], MODEL["w"] + 0.1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("strategy, options, expected", [
+    ("median", {}, 1.0),                            # median of (1, 1, 100)
+    ("trimmed_mean", {"trim_fraction": 0.34}, 1.0),  # drops 1 from each side of 3: the middle value
+    ("mean", {}, 34.0),                             # (1 + 1 + 100) / 3
+])
+def test_robust_baselines_close_rounds(tmp_path: Path, strategy: str, options: dict, expected: float) -> None:
+    cfg = config(strategy=strategy, strategy_options=options)
+    initial = tmp_path / "i.frames"
+    codec.save_tensors(initial, MODEL.items())
+    store = Store(tmp_path / strategy)
+    rounds.initialize(store, cfg, initial, now=0.0)
+    for site, scale in (("a", 1.0), ("b", 1.0), ("c", 100.0)):
+        submit(store, site, deltas(scale), cfg=cfg)
+    rounds.close_round(store, cfg, now=1.0)
+    new = codec.load_tensors(store.model_path(2))
+    np.testing.assert_allclose(new["b"], MODEL["b"] + expected, rtol=1e-6)
+
+
+def test_fedadam_keeps_its_moments_in_the_store(tmp_path: Path) -> None:
+    cfg = config(strategy="fedadam", strategy_options={"server_lr": 0.5}, rounds=2)
+    initial = tmp_path / "i.frames"
+    codec.save_tensors(initial, MODEL.items())
+    store = Store(tmp_path / "adam")
+    rounds.initialize(store, cfg, initial, now=0.0)
+    for r in (1, 2):
+        submit(store, "a", deltas(1.0), round_id=r, cfg=cfg)
+        submit(store, "b", deltas(1.0), round_id=r, cfg=cfg)
+        rounds.close_round(store, cfg, now=float(r))
+    # Round 1: m = 0.1, v = 0.01, step = 0.5 * 0.1 / (0.1 + 1e-3) ≈ 0.495
+    first = codec.load_tensors(store.model_path(2))
+    np.testing.assert_allclose(first["b"], MODEL["b"] + 0.5 * 0.1 / (0.1 + 1e-3), rtol=1e-5)
+    moments = codec.load_tensors(store.model_path(2).with_suffix(".fedadam"))
+    np.testing.assert_allclose(moments["m/b"], 0.1, rtol=1e-6)
+    # Round 2 starts from the stored moments: m = 0.19, v = 0.0199.
+    second = codec.load_tensors(store.model_path(3))
+    step2 = 0.5 * 0.19 / (np.sqrt(0.0199) + 1e-3)
+    np.testing.assert_allclose(second["b"], first["b"] + step2, rtol=1e-5)
