@@ -165,12 +165,13 @@ def frames_digest(path: Path) -> str:
     return sha.hexdigest()
 
 
-def _write_manifest(store: Store, round_id: int, specs: Sequence[TensorSpec]) -> None:
+def _write_manifest(store: Store, round_id: int, specs: Sequence[TensorSpec], digest: str | None = None) -> None:
+    """Record a model file's tensors and digest (computed from the file unless the writer hashed it)."""
     path = store.model_path(round_id)
     store.write_json(
         path.with_suffix(".json").relative_to(store.root),
         {
-            "digest": frames_digest(path),
+            "digest": digest or frames_digest(path),
             "bytes": path.stat().st_size,
             "tensors": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs],
         },
@@ -410,25 +411,28 @@ def _checked_frames(
     raise InvalidUpdate("the upload stream ended without its commit message", reason="incomplete_stream")
 
 
-def _verify_update(path: Path, manifest: Mapping[str, Any]) -> tuple[float, int]:
-    """Decode the spooled update tensor by tensor: every tensor present, finite. Returns (‖Δ‖, count)."""
-    total = 0.0
-    count = 0
+def _verify_update(path: Path, manifest: Mapping[str, Any]) -> float:
+    """Decode the spooled update part by part (never densified): every tensor present, finite.
+
+    Returns ‖Δ‖. Unsent positions of a sparse update are zeros, so the norm of the sent values is
+    the norm of the whole update.
+    """
     try:
         with open(path, "rb") as fh:
-            for name, delta in codec.decode_frames(codec.read_frames(fh)):
-                if delta.dtype.kind == "f":
-                    if not np.all(np.isfinite(delta)):
-                        raise InvalidUpdate(f"tensor {name!r} has NaN or Inf values", reason="non_finite")
-                    total += float(np.dot(delta.ravel().astype(np.float64), delta.ravel().astype(np.float64)))
-                count += 1
+            summary = codec.verify_frames(codec.read_frames(fh))
     except codec.CodecError as exc:
         raise InvalidUpdate(str(exc), reason="bad_frame") from None
-    if count != len(manifest["tensors"]):
+    total = 0.0
+    for name, info in summary.items():
+        if info.dtype.kind == "f":
+            if not info.finite:
+                raise InvalidUpdate(f"tensor {name!r} has NaN or Inf values", reason="non_finite")
+            total += info.sq_norm
+    if len(summary) != len(manifest["tensors"]):
         raise InvalidUpdate(
-            f"update holds {count} tensors, the model has {len(manifest['tensors'])}", reason="tensor_mismatch"
+            f"update holds {len(summary)} tensors, the model has {len(manifest['tensors'])}", reason="tensor_mismatch"
         )
-    return math.sqrt(total), count
+    return math.sqrt(total)
 
 
 def spool_update(
@@ -462,7 +466,7 @@ def spool_update(
                 f"commit digest {commit.digest[:16]}… does not match the frames received ({digest[:16]}…)",
                 reason="digest_mismatch",
             )
-        norm, _ = _verify_update(spool, manifest)
+        norm = _verify_update(spool, manifest)
     except BaseException:
         spool.unlink(missing_ok=True)
         raise
@@ -598,14 +602,21 @@ def close_round(store: Store, config: FederationConfig, *, now: float, clock: Ca
                 specs.append(TensorSpec(name, tuple(new.shape), new.dtype.str))
                 yield name, new
 
+        sha = hashlib.sha256()
+
+        def hashed(frames: Iterator[bytes]) -> Iterator[bytes]:
+            for frame in frames:
+                sha.update(frame)
+                yield frame
+
         with atomic_writer(dst) as fh:
-            codec.write_frames(fh, codec.encode_tensors(new_tensors(), codec.LOSSLESS))
+            codec.write_frames(fh, hashed(codec.encode_tensors(new_tensors(), codec.LOSSLESS)))
         strategy.save_state(store, round_id + 1, state_in)
     finally:
         for fh in handles:
             fh.close()
-    _write_manifest(store, round_id + 1, specs)
-    digest = read_manifest(store, round_id + 1)["digest"]
+    digest = sha.hexdigest()
+    _write_manifest(store, round_id + 1, specs, digest)
     result = {
         "round_id": round_id,
         "strategy": config.strategy,

@@ -88,7 +88,7 @@ class RoundAggregator:
         if not self.config.is_weighted:
             combined = aggregation.combine_tensor(self.config, [d.dense() for d in deltas])
             return aggregation.cast_to_dtype(theta + combined, theta.dtype)
-        acc = np.zeros(theta.shape, dtype=np.float64)
+        acc = np.zeros(theta.shape, dtype=np.float64) if self.config.name == "fedadam" else theta.astype(np.float64)
         for weight, delta in zip(weights, deltas, strict=True):
             if weight > 0:  # never multiply a zero-weighted site in: 0 * NaN is NaN
                 delta.add_to(acc, float(weight))
@@ -101,7 +101,6 @@ class RoundAggregator:
                 beta2=self.config.beta2, tau=self.config.tau,
             )
             return aggregation.cast_to_dtype(np.asarray(new, dtype=np.float64), theta.dtype)
-        acc += theta
         return aggregation.cast_to_dtype(acc, theta.dtype)
 
     def save_state(self, store: Any, round_id: int, state: Any) -> None:

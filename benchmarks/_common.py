@@ -377,6 +377,14 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
+def load_average() -> float:
+    """The 1-minute load average (other work on a shared machine skews timings; report it)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def machine_line() -> str:
     """Cores, CPU model, GPU (none expected here), Python and today's date, for the report."""
     cpu = platform.processor() or platform.machine()

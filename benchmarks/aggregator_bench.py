@@ -29,8 +29,8 @@ The 50-site sum is then checked against the aggregator's new model: ``θ_2 == θ
 
 Usage::
 
-    python benchmarks/aggregator_bench.py --quick --json          # 10M parameters, ~2 minutes
-    python benchmarks/aggregator_bench.py --params 100_000_000    # the size
+    python benchmarks/aggregator_bench.py --quick --json          # 10M parameters, ~40 s on 2 cores
+    python benchmarks/aggregator_bench.py --json                  # 100M (the size), 5-8 min on 2 cores
 
 With ``--json`` the last line is one JSON object holding ``peak_rss_over_model_50``,
 ``peak_rss_net_over_model_50`` (peak minus the idle RSS, over the model), ``rss_growth_5_to_50``,
@@ -65,6 +65,7 @@ from _common import (  # noqa: E402
     RssSampler,
     UpdateFile,
     conv_net_shapes,
+    load_average,
     machine_line,
     percentile,
     site_names,
@@ -119,6 +120,7 @@ class SiteCountResult:
     peak_rss: int
     peak_reset: bool
     sampled_peaks: dict[str, int]
+    load_average: float
     weights: dict[str, float] = field(repr=False)
     numpy_sum_seconds: float = float("nan")
 
@@ -218,6 +220,7 @@ def run_site_count(
             with grpc.insecure_channel(server.target) as channel:
                 wait_for_rounds_completed(pb_grpc.AggregatorServiceStub(channel), 1, timeout_s=timeout_s)
             round_seen = time.monotonic()
+            load_at_close = load_average()
         after = server.memory()
         if server.stop() not in (0, None):
             log.warning("the %d-site aggregator exited with a non-zero status; see %s", k, server.log_path)
@@ -243,6 +246,7 @@ def run_site_count(
         peak_rss=max(idle["VmHWM"], round_hwm) if reset else round_hwm,
         peak_reset=reset,
         sampled_peaks=dict(sampler.peaks),
+        load_average=load_at_close,
         weights={s: float(v["weight"]) for s, v in result["sites"].items()},
     )
     return row, store
@@ -329,7 +333,7 @@ def format_table(rows: Sequence[SiteCountResult], dense_bytes: int) -> str:
     header = (
         f"{'sites':>5} {'upload s':>9} {'close s':>8} {'commit→res s':>12} {'wall→r2 s':>10} "
         f"{'numpy Σ s':>9} {'close/np':>8} {'idle MB':>8} {'peak MB':>8} {'peak/model':>10} "
-        f"{'net/model':>9} {'upl MB*':>8} {'close MB*':>9}"
+        f"{'net/model':>9} {'upl MB*':>8} {'close MB*':>9} {'load':>5}"
     )
     lines = [header]
     for r in rows:
@@ -339,9 +343,10 @@ def format_table(rows: Sequence[SiteCountResult], dense_bytes: int) -> str:
             f"{r.wall_to_next_round_s:>10.2f} {r.numpy_sum_seconds:>9.2f} {ratio['close_vs_numpy']:>8.2f} "
             f"{r.idle_rss / MB:>8.0f} {r.peak_rss / MB:>8.0f} {ratio['peak_rss_over_model']:>10.2f} "
             f"{ratio['peak_rss_net_over_model']:>9.2f} {r.sampled_peaks.get('upload', 0) / MB:>8.0f} "
-            f"{r.sampled_peaks.get('close', 0) / MB:>9.0f}"
+            f"{r.sampled_peaks.get('close', 0) / MB:>9.0f} {r.load_average:>5.1f}"
         )
-    lines.append("* sampled VmRSS maxima (20 ms) during the uploads / from the last response to round 2")
+    lines.append("* sampled VmRSS maxima (20 ms) during the uploads / from the last response to round 2; "
+                 "load: 1-minute load average when the round had closed")
     return "\n".join(lines)
 
 
@@ -349,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=lambda s: int(s.replace("_", "")), default=100_000_000,
                         help="model parameters (default 100_000_000)")
-    parser.add_argument("--quick", action="store_true", help=f"--params {QUICK_PARAMS:_} (about 2 minutes here)")
+    parser.add_argument("--quick", action="store_true", help=f"--params {QUICK_PARAMS:_} (about 40 s on 2 cores)")
     parser.add_argument("--sites", type=int, nargs="+", default=[5, 20, 50], help="site counts (default 5 20 50)")
     parser.add_argument("--strategy", default="aam", help="aggregation strategy of the federation (default aam)")
     parser.add_argument("--top-k", type=float, default=0.01, help="top-k fraction of the updates (default 0.01)")
@@ -390,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("numpy baseline over %d dense updates", counts[-1])
         top = rows[-1]
         add_seconds, decode_seconds, acc = numpy_weighted_sum(inputs, top.weights)
+        load_at_numpy = load_average()
         for row in rows:
             row.numpy_sum_seconds = float(sum(add_seconds[: row.sites]))
         max_error, acc_scale = check_new_model(stores[counts[-1]], acc)
@@ -419,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "baseline": "numpy float32 acc += w_k * delta_k (np.multiply/np.add with out=) over dense "
                     "decoded updates, one resident at a time; decode not timed",
         "numpy_decode_seconds_total": decode_seconds,
+        "load_average_at_numpy": load_at_numpy,
         "rss_source": "/proc/PID/status VmRSS and VmHWM (VmHWM reset after start-up via clear_refs)",
         "interpreter_overhead_mb": last.idle_rss / MB,
         f"peak_rss_over_model_{last.sites}": ratios["peak_rss_over_model"],
@@ -445,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(format_table(rows, inputs.dense_bytes))
     print(
-        f"baseline: {report['baseline']} (decoding them took {decode_seconds:.1f} s more). "
+        f"baseline: {report['baseline']} (decoding them took {decode_seconds:.1f} s more; load average "
+        f"{load_at_numpy:.1f} after it). "
         f"Interpreter overhead (idle RSS after start, {last.sites} sites): {report['interpreter_overhead_mb']:.0f} MB."
     )
     print(

@@ -50,6 +50,7 @@ from _common import (  # noqa: E402
     AggregatorProcess,
     UpdateFile,
     conv_net_shapes,
+    load_average,
     machine_line,
     percentile,
     site_names,
@@ -213,12 +214,13 @@ def run_load(
         "peak_rss_mb": memory["VmHWM"] / MB,
         "bytes_in": int(status.bytes_in),
         "bytes_out": int(status.bytes_out),
+        "load_average": load_average(),
     }
 
 
 def format_report(r: dict[str, Any]) -> str:
     return "\n".join([
-        f"machine: {r['machine']}",
+        f"machine: {r['machine']}; 1-minute load average at the end {r['load_average']:.1f}",
         f"{r['sites']} sites, model {r['params']:,} parameters ({r['model_file_mb']:.1f} MB file), updates "
         f"top-{r['codec']['top_k_fraction']:g} {r['codec']['quantization']} ({r['update_bytes_mean'] / 1024:.1f} KiB "
         f"mean), strategy {r['strategy']}",

@@ -62,10 +62,11 @@ METHODS: dict[str, Method] = {
     ),
     "fedsegnet_no_aam": Method("FedSegNet without AAM (FedAvg)",
                                {"aggregation": {"strategy": "fedavg"}, "codec": COMPRESSED}),
-    "faulty_fedavg": Method("Faulty site, FedAvg", {"simulation": {"faulty_site": 3},
-                                                     "aggregation": {"strategy": "fedavg"}, "codec": COMPRESSED}),
-    "faulty_aam": Method("Faulty site, AAM", {"simulation": {"faulty_site": 3},
-                                              "aggregation": {"strategy": "aam"}, "codec": COMPRESSED}),
+    # Dense updates, so that the comparison isolates the aggregation rule.
+    "faulty_fedavg": Method("Faulty site (noisy labels), FedAvg",
+                            {"simulation": {"faulty_site": 3}, "aggregation": {"strategy": "fedavg"}, "codec": DENSE}),
+    "faulty_aam": Method("Faulty site (noisy labels), AAM",
+                         {"simulation": {"faulty_site": 3}, "aggregation": {"strategy": "aam"}, "codec": DENSE}),
 }
 
 EXPERIMENTS: dict[str, tuple[str, ...]] = {
