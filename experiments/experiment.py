@@ -50,7 +50,8 @@ METHODS: dict[str, Method] = {
     "unet_federated": Method(
         "Federated U-Net (MONAI UNet, FedAvg, dense)",
         {"model": {"architecture": "unet", "options": {"channels": [8, 16, 32, 64], "strides": [2, 2, 2],
-                                                        "num_res_units": 1}},
+                                                        "num_res_units": 1,
+                                                        "drop": ["num_transformer_layers", "num_heads"]}},
          "aggregation": {"strategy": "fedavg"}, "codec": DENSE},
     ),
     "fedsegnet": Method("FedSegNet (Transformer U-Net + AAM + top-1% int8)",

@@ -11,7 +11,13 @@ import pytest
 
 from client_agent.data import discover_cases
 from experiments.experiment import EXPERIMENTS, METHODS, merge, method_config
-from experiments.simulate import SimulationSettings, dump_toml, load_simulation_config, prepare_site_dirs
+from experiments.simulate import (
+    SimulationSettings,
+    dump_toml,
+    load_simulation_config,
+    prepare_site_dirs,
+    write_initial_model,
+)
 from experiments.sitedata import generate_federation
 
 if sys.version_info >= (3, 11):
@@ -34,6 +40,7 @@ def test_every_method_gives_a_valid_simulation_config(method: str, tmp_path: Pat
     path.write_text(dump_toml(method_config(base, method, "demo")))
     sim, federation, federation_toml = load_simulation_config(path)
     assert tomllib.loads(federation_toml)["federation"]["sites"] == list(federation.sites)
+    assert write_initial_model(federation, tmp_path / "initial.frames").stat().st_size > 0  # the network builds
     if method == "centralized":
         assert federation.sites == ("pooled",) and sim.pool_sites
     if method.startswith("faulty"):
