@@ -9,6 +9,7 @@ the same ``--store`` continue the same round.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -28,10 +29,10 @@ from aggregator_service import rounds
 from aggregator_service.config import ConfigError, FederationConfig, load_federation_config
 from aggregator_service.errors import AggregatorError, StoreError
 from aggregator_service.metrics import Histogram, render, serve_metrics
-from aggregator_service.servicer import AggregatorServicer
+from aggregator_service.security import Gate, RevocationList, StreamLimits, env_flag, server_credentials
+from aggregator_service.servicer import AggregatorServicer, add_to_server
 from aggregator_service.store import Store
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
-from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("aggregator_service")
 
@@ -39,7 +40,26 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AggregatorService"].full_name
 # Frames are at most 1 MiB; a message carries one frame plus a few fields.
 MAX_MESSAGE_BYTES = 4 << 20
 DEFAULT_LISTEN = "0.0.0.0:50051"
+# Uploads verified at the same time (each holds one frame and one tensor's check in memory).
+MAX_CONCURRENT_SPOOLS = 4
 DEFAULT_METRICS_LISTEN = "0.0.0.0:9090"
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class StoreFull(StoreError):
+    """The store's disk (or quota) is full: nothing was committed; retry once space is freed."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "store_full"
+    retryable = True  # once the operator frees space
+
+
+def _store_failure(exc: OSError, what: str) -> StoreError:
+    """A clear refusal for an I/O error of the store (the atomic writes left the old state)."""
+    if exc.errno in _DISK_FULL:
+        return StoreFull(f"{what} refused: the aggregator's store is out of disk space ({exc.strerror}); nothing "
+                         "was stored, retry later")
+    return StoreError(f"{what} failed: the aggregator's store cannot be written ({exc}); nothing was stored")
 
 
 class Aggregator:
@@ -60,6 +80,7 @@ class Aggregator:
         self._wake = threading.Condition(self._lock)
         self._stopping = False
         self.submission_latency = Histogram()
+        self._spooling = threading.BoundedSemaphore(MAX_CONCURRENT_SPOOLS)
         with self._lock:
             rounds.initialize(store, config, initial_model, now=clock())
 
@@ -70,7 +91,10 @@ class Aggregator:
 
     def join(self, site: str) -> rounds.RoundView:
         with self._lock:
-            return rounds.join(self.store, self.config, site)
+            try:
+                return rounds.join(self.store, self.config, site)
+            except OSError as exc:
+                raise _store_failure(exc, f"join of {site!r}") from exc
 
     def status(self) -> dict:
         with self._lock:
@@ -99,10 +123,16 @@ class Aggregator:
     def submit(self, header: rounds.UpdateHeader, parts: Iterable[bytes | rounds.UpdateCommit]) -> rounds.Receipt:
         # Spooling and verifying run outside the lock: uploads from many sites proceed in parallel.
         started = time.monotonic()
-        spool, record = rounds.spool_update(self.store, self.config, header, parts)
-        with self._lock:
-            receipt = rounds.commit_update(self.store, self.config, spool, record, now=self.clock())
-            self._wake.notify_all()
+        try:
+            # A few uploads spool at once; the others wait here while HTTP/2 flow control holds
+            # their bytes at the senders, so memory stays flat in the number of sites.
+            with self._spooling:
+                spool, record = rounds.spool_update(self.store, self.config, header, parts)
+            with self._lock:
+                receipt = rounds.commit_update(self.store, self.config, spool, record, now=self.clock())
+                self._wake.notify_all()
+        except OSError as exc:  # rounds removes the spool file; the commit marker is written last
+            raise _store_failure(exc, f"update from {header.site!r} for round {header.round_id}") from exc
         self.submission_latency.observe(time.monotonic() - started)
         log.info(
             "round %d: %s update from %s (%d bytes, %d submission(s))",
@@ -129,19 +159,23 @@ class Aggregator:
 
     # -- the closer thread -------------------------------------------------------------------
     def run_closer(self, poll_s: float = 0.5) -> None:
-        """Close rounds when due until :meth:`stop`; woken at once by each commit."""
+        """Close rounds when due until :meth:`stop`; woken at once by each commit.
+
+        The first check runs at once: a process restarted after a crash finishes a round that
+        was already due (all submissions in, or the deadline passed) without waiting for a tick.
+        """
         while True:
+            try:
+                self.close_if_due()
+            except Exception:  # keep serving; the next tick retries the close
+                log.exception("closing the round failed; retrying")
+                time.sleep(poll_s)
             with self._lock:
                 if self._stopping:
                     return
                 self._wake.wait(timeout=poll_s)
                 if self._stopping:
                     return
-            try:
-                self.close_if_due()
-            except Exception:  # keep serving; the next tick retries the close
-                log.exception("closing the round failed; retrying")
-                time.sleep(poll_s)
 
     def stop(self) -> None:
         with self._lock:
@@ -172,16 +206,27 @@ def serve(
     *,
     max_workers: int = 16,
     credentials: grpc.ServerCredentials | None = None,
+    gate: Gate | None = None,
 ) -> RunningServer:
-    """Start the gRPC server (aggregator, health, reflection) and the closer thread."""
+    """Start the gRPC server (aggregator, health, reflection) and the closer thread.
+
+    ``credentials=None`` serves plaintext (tests, ``--insecure``); the command line refuses that
+    unless asked explicitly. ``gate`` decides who may call (default: with ``credentials``, a
+    client certificate is required and its CN is the caller's site; without, sites are trusted).
+    """
+    if gate is None:
+        gate = Gate(require_identity=credentials is not None)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # BDP probing grows each stream's receive window towards the link's bandwidth-delay
+            # product: on loopback that lets waiting uploads park megabytes in the server.
+            ("grpc.http2.bdp_probe", 0),
         ],
     )
-    pb_grpc.add_AggregatorServiceServicer_to_server(AggregatorServicer(aggregator), server)
+    add_to_server(AggregatorServicer(aggregator, gate), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -216,9 +261,61 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--initial-model", default=env("FEDSEG_INITIAL_MODEL"),
                    help="model file round 1 starts from, for a new store (fedseg init-model) [env FEDSEG_INITIAL_MODEL]")
     p.add_argument("--port-file", help="write the bound port to this file once serving (for port 0)")
+    tls = p.add_argument_group("transport security (mutual TLS; see SECURITY.md and `fedseg certs`)")
+    tls.add_argument("--tls-cert", default=env("FEDSEG_TLS_CERT"),
+                     help="the aggregator's certificate (PEM) [env FEDSEG_TLS_CERT]")
+    tls.add_argument("--tls-key", default=env("FEDSEG_TLS_KEY"), help="its private key (PEM) [env FEDSEG_TLS_KEY]")
+    tls.add_argument("--tls-ca", default=env("FEDSEG_TLS_CA"),
+                     help="the federation CA that signs site certificates (PEM) [env FEDSEG_TLS_CA]")
+    tls.add_argument("--insecure", action="store_true", default=env_flag("FEDSEG_INSECURE"),
+                     help="serve plaintext gRPC and trust the site names requests claim: development on one "
+                     "machine only [env FEDSEG_INSECURE=1]")
+    tls.add_argument("--revoked", default=env("FEDSEG_REVOKED"),
+                     help="revocation file: one site name or serial:HEX per line, re-read when it changes "
+                     "[env FEDSEG_REVOKED]")
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--max-upload-seconds", type=float,
+                        default=env("FEDSEG_MAX_UPLOAD_SECONDS", str(StreamLimits.max_upload_seconds)),
+                        help="an upload must commit within this many seconds of its first message "
+                        f"[env FEDSEG_MAX_UPLOAD_SECONDS, default {StreamLimits.max_upload_seconds:g}]")
+    limits.add_argument("--max-streams-per-site", type=int,
+                        default=env("FEDSEG_MAX_STREAMS_PER_SITE", str(StreamLimits.max_streams_per_site)),
+                        help="concurrent uploads and downloads per site "
+                        f"[env FEDSEG_MAX_STREAMS_PER_SITE, default {StreamLimits.max_streams_per_site}]")
     p.add_argument("--log-level", default=env("FEDSEG_LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="[env FEDSEG_LOG_LEVEL]")
     return p
+
+
+def transport_security(args: argparse.Namespace) -> tuple[grpc.ServerCredentials | None, Gate]:
+    """Credentials and gate from the command line; refuses plaintext unless ``--insecure`` says so.
+
+    Raises:
+        ValueError: a partial TLS configuration, TLS together with ``--insecure``, neither, or a
+            file that cannot be used; the message says what to pass.
+    """
+    given = {name: getattr(args, name) for name in ("tls_cert", "tls_key", "tls_ca")}
+    flags = ", ".join(f"--{name.replace('_', '-')}" for name, value in given.items() if not value)
+    revocations = RevocationList(args.revoked) if args.revoked else None
+    limits = StreamLimits(max_upload_seconds=args.max_upload_seconds, max_streams_per_site=args.max_streams_per_site)
+    if any(given.values()):
+        if not all(given.values()):
+            raise ValueError(f"mutual TLS needs --tls-cert, --tls-key and --tls-ca; missing {flags}")
+        if args.insecure:
+            raise ValueError("--insecure contradicts --tls-cert/--tls-key/--tls-ca; give one or the other")
+        credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_ca)
+        return credentials, Gate(require_identity=True, revocations=revocations, limits=limits)
+    if not args.insecure:
+        raise ValueError(
+            "refusing to serve without transport security: pass --tls-cert, --tls-key and --tls-ca "
+            "(make them with `fedseg certs init|server|site`), or --insecure for a development "
+            "federation on one trusted machine"
+        )
+    log.warning(
+        "serving PLAINTEXT gRPC (--insecure): updates travel unencrypted and any peer can act as any "
+        "site; use mutual TLS outside a single trusted machine"
+    )
+    return None, Gate(require_identity=False, revocations=revocations, limits=limits)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,11 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.config:
         _parser().error("--config is required (or set FEDSEG_CONFIG)")
     try:
+        credentials, gate = transport_security(args)
+    except ValueError as exc:
+        print(f"aggregator-service: {exc}", file=sys.stderr)
+        return 2
+    try:
         config = load_federation_config(args.config)
         aggregator = Aggregator(
             Store(args.store), config, initial_model=Path(args.initial_model) if args.initial_model else None
         )
-        running = serve(aggregator, args.listen)
+        running = serve(aggregator, args.listen, credentials=credentials, gate=gate)
         metrics_server = None
         if args.metrics_listen != "off":
             metrics_server = serve_metrics(args.metrics_listen, aggregator.prometheus_text)
@@ -239,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StoreError, OSError) as exc:
         print(f"aggregator-service: {exc}", file=sys.stderr)
         return 2
-    log.info("federation %r serving on port %d, store %s", config.federation_id, running.port, args.store)
+    log.info("federation %r serving on port %d (%s), store %s", config.federation_id, running.port,
+             "mutual TLS" if credentials else "PLAINTEXT", args.store)
     if args.port_file:
         tmp = Path(args.port_file + ".tmp")
         tmp.write_text(str(running.port))

@@ -1,25 +1,64 @@
 """The gRPC servicer: requests in, one call to the aggregator, responses or a status out.
 
-Nothing here decides anything: every method turns its request into domain values, calls one
-method of :class:`aggregator_service.server.Aggregator`, and maps an ``AggregatorError`` to its
-gRPC status with the error's message (the reason is counted by the aggregator).
+Nothing here decides anything: every method asks the :class:`~aggregator_service.security.Gate`
+which site the call acts for (the certificate's, under mutual TLS), turns its request into
+domain values, calls one method of :class:`aggregator_service.server.Aggregator`, and maps an
+``AggregatorError`` to its gRPC status with the error's message. Every refusal is counted under
+its reason (``GetStatus.rejections``) and logged.
+
+Requests are parsed by :func:`add_to_server`'s tolerant deserializers: bytes that are not a valid
+message reach the servicer as :class:`Malformed` and are refused like any other bad input
+(gRPC's own handling would answer ``INTERNAL`` and count nothing).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from aggregator_service import wire
 from aggregator_service.errors import AggregatorError, InvalidUpdate
+from aggregator_service.security import RETRYABLE_METADATA, Gate, MalformedMessage
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AggregatorService"].full_name
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request whose bytes did not parse as its message type."""
+
+    message_type: str
+    error: str
+
+
+def _tolerant(message_type: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    def parse(data: bytes) -> Message | Malformed:
+        try:
+            return message_type.FromString(data)
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            return Malformed(message_type.DESCRIPTOR.full_name, str(exc) or exc.__class__.__name__)
+
+    return parse
+
+
+def _parsed(request: Any) -> Any:
+    if isinstance(request, Malformed):
+        raise MalformedMessage(f"request is not a valid {request.message_type} ({request.error})")
+    return request
+
+
+def _parsed_stream(requests: Iterator[Any]) -> Iterator[Any]:
+    for request in requests:
+        yield _parsed(request)
 
 
 def _statuses(method: F) -> F:
@@ -30,20 +69,27 @@ def _statuses(method: F) -> F:
         try:
             return method(self, request, context)
         except AggregatorError as exc:
-            self.aggregator.count_rejection(exc)
-            log.warning("%s refused (%s): %s", method.__name__, exc.reason, exc)
-            context.abort(exc.code, str(exc))
+            self._refuse(method.__name__, exc, context)
 
     return wrapper  # type: ignore[return-value]
 
 
 class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
-    def __init__(self, aggregator: Any) -> None:
+    def __init__(self, aggregator: Any, gate: Gate | None = None) -> None:
         self.aggregator = aggregator
+        self.gate = gate or Gate()
+
+    def _refuse(self, rpc: str, exc: AggregatorError, context: grpc.ServicerContext) -> None:
+        self.aggregator.count_rejection(exc)
+        log.warning("%s from %s refused (%s): %s", rpc, context.peer(), exc.reason, exc)
+        if getattr(exc, "retryable", False):
+            context.set_trailing_metadata((RETRYABLE_METADATA,))
+        context.abort(exc.code, str(exc))
 
     @_statuses
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
-        view = self.aggregator.join(request.site)
+        site = self.gate.authorize(context, _parsed(request).site)
+        view = self.aggregator.join(site)
         return pb.JoinResponse(
             federation_id=self.aggregator.config.federation_id,
             round=wire.round_to_proto(view, self.aggregator.config),
@@ -51,6 +97,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
 
     @_statuses
     def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.GetRoundResponse:
+        self.gate.authorize(context, _parsed(request).site)
         view = self.aggregator.current_round()
         return pb.GetRoundResponse(round=wire.round_to_proto(view, self.aggregator.config))
 
@@ -58,21 +105,32 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.DownloadModelResponse]:
         try:
-            round_id, frames, digest = self.aggregator.download(request.round_id, request.site)
+            site = self.gate.authorize(context, _parsed(request).site)
+            # Anonymous operator downloads (insecure mode) share one slot pool.
+            with self.gate.stream(site or "_anonymous"):
+                round_id, frames, digest = self.aggregator.download(request.round_id, site)
+                for index, frame in enumerate(frames):
+                    yield pb.DownloadModelResponse(round_id=round_id, index=index, frame=frame, model_digest=digest)
         except AggregatorError as exc:
-            self.aggregator.count_rejection(exc)
-            context.abort(exc.code, str(exc))
-        for index, frame in enumerate(frames):
-            yield pb.DownloadModelResponse(round_id=round_id, index=index, frame=frame, model_digest=digest)
+            self._refuse("DownloadModel", exc, context)
 
     @_statuses
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
     ) -> pb.SubmitUpdateResponse:
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise InvalidUpdate("an upload must start with its header message", reason="bad_stream")
-        receipt = self.aggregator.submit(wire.header_from_proto(first.header), wire.upload_parts(request_iterator))
+        # The deadline covers the whole stream, header included: a peer that opens an upload
+        # and sends nothing is cut off as surely as one that never commits.
+        bounded = self.gate.bounded_upload(request_iterator)
+        try:
+            requests = _parsed_stream(bounded)
+            first = next(requests, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise InvalidUpdate("an upload must start with its header message", reason="bad_stream")
+            site = self.gate.authorize(context, first.header.site)
+            with self.gate.stream(site):
+                receipt = self.aggregator.submit(wire.header_from_proto(first.header), wire.upload_parts(requests))
+        finally:
+            bounded.close()  # stops the reader thread now, not whenever the generator is collected
         return pb.SubmitUpdateResponse(
             round_id=receipt.round_id,
             digest=receipt.digest,
@@ -83,6 +141,8 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
 
     @_statuses
     def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:
+        _parsed(request)
+        self.gate.authorize(context, "")
         s = self.aggregator.status()
         return pb.GetStatusResponse(
             federation_id=s["federation_id"],
@@ -100,7 +160,8 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
     def GetRoundMetrics(
         self, request: pb.GetRoundMetricsRequest, context: grpc.ServicerContext
     ) -> pb.GetRoundMetricsResponse:
-        m = self.aggregator.round_metrics(request.round_id)
+        self.gate.authorize(context, "")
+        m = self.aggregator.round_metrics(_parsed(request).round_id)
         result = m["result"] or {}
         response = pb.GetRoundMetricsResponse(
             round_id=m["round_id"],
@@ -113,3 +174,30 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         if "closed_at" in result:
             response.closed_at.CopyFrom(wire.timestamp(result["closed_at"]))
         return response
+
+
+def add_to_server(servicer: AggregatorServicer, server: grpc.Server) -> None:
+    """Register the service like the generated ``add_AggregatorServiceServicer_to_server``, but
+    with deserializers that hand malformed requests to the servicer instead of failing in gRPC."""
+    handlers = {
+        "Join": grpc.unary_unary_rpc_method_handler(
+            servicer.Join, _tolerant(pb.JoinRequest), pb.JoinResponse.SerializeToString
+        ),
+        "GetRound": grpc.unary_unary_rpc_method_handler(
+            servicer.GetRound, _tolerant(pb.GetRoundRequest), pb.GetRoundResponse.SerializeToString
+        ),
+        "DownloadModel": grpc.unary_stream_rpc_method_handler(
+            servicer.DownloadModel, _tolerant(pb.DownloadModelRequest), pb.DownloadModelResponse.SerializeToString
+        ),
+        "SubmitUpdate": grpc.stream_unary_rpc_method_handler(
+            servicer.SubmitUpdate, _tolerant(pb.SubmitUpdateRequest), pb.SubmitUpdateResponse.SerializeToString
+        ),
+        "GetStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.GetStatus, _tolerant(pb.GetStatusRequest), pb.GetStatusResponse.SerializeToString
+        ),
+        "GetRoundMetrics": grpc.unary_unary_rpc_method_handler(
+            servicer.GetRoundMetrics, _tolerant(pb.GetRoundMetricsRequest), pb.GetRoundMetricsResponse.SerializeToString
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

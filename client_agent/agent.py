@@ -1,10 +1,19 @@
 """The site's lifecycle: join → wait for an open round → download → train → validate → encode → upload.
 
-:func:`run_agent` loops until the federation is over. Every step that must survive a restart
-writes to the site's state directory first (``state.py``): the downloaded global model, the
-encoded update and its new residual before the upload, the receipt after it. A restarted agent
-therefore resends exactly the same bytes for an interrupted round (the aggregator counts it once)
-and never trains or submits a round twice.
+:meth:`SiteAgent.run` loops until the federation is over (or a stop is requested). Every step that
+must survive a restart writes to the site's state directory first (``state.py``): the downloaded
+global model, the encoded update and its new residual before the upload, the receipt after it.
+A restarted agent therefore
+
+* resends exactly the same bytes for a round whose upload was interrupted (same digest: the
+  aggregator counts it once, and answers a second commit as a duplicate);
+* settles an update it encoded for a round that closed while it was down: if the round's
+  metrics list the site, the update was committed and its residual comes into force; otherwise
+  the update is dropped and the previous residual stays;
+* never trains or submits a round twice, and keeps its error-feedback residual intact.
+
+Bad data is refused before the aggregator is contacted (:func:`check_data`), and again after
+``Join`` against the federation's model (:meth:`SiteAgent.check_federation`).
 """
 
 from __future__ import annotations
@@ -12,25 +21,51 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
 import codec
-from client_agent.data import DataError, SiteData, build_datasets, discover_cases, make_loader
+from client_agent.data import (
+    DataError,
+    Problem,
+    SiteData,
+    build_datasets,
+    discover_cases,
+    make_loader,
+    resolve_label_map,
+    validate_cases,
+)
 from client_agent.reporting import Reporter
 from client_agent.state import SiteState
-from client_agent.training import evaluate, pick_device, seed_everything, train_local
+from client_agent.training import TrainingError, evaluate, pick_device, seed_everything, train_local
 from client_agent.transport import AggregatorClient, Refused
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 
 log = logging.getLogger("client_agent")
 
+__all__ = [
+    "AgentSettings",
+    "DataCheck",
+    "RoundOutcome",
+    "SiteAgent",
+    "check_data",
+    "load_arrays",
+    "model_from_config",
+    "named_arrays",
+    "update_header",
+]
+
 METRICS = ("dice", "hd95", "iou", "precision", "recall")
+# Label values are checked against this bound when the federation's class count is not known yet:
+# the check then still finds unreadable files, shape mismatches and non-integer labels.
+_ANY_CLASS_COUNT = 2**31
 
 
 @dataclass(frozen=True)
@@ -46,17 +81,36 @@ class AgentSettings:
     amp: bool = True
     val_fraction: float = 0.2
     augment: bool = True
-    label_map: str | None = None
+    label_map: str | Mapping[Any, Any] | None = None
     on_bad_file: str = "skip"
     num_workers: int = 0
+    num_classes: int | None = None  # checked before contacting the aggregator, and against the federation
     poll_initial_s: float = 0.5
     poll_max_s: float = 10.0
     max_rounds: int = 0  # 0: until the federation finishes
     seed: int | None = None  # None: the federation's seed
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.on_bad_file not in ("skip", "fail"):
+            raise ValueError(f"on_bad_file must be 'skip' or 'fail', got {self.on_bad_file!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background and one class), got {self.num_classes}")
+        if self.max_rounds < 0:
+            raise ValueError(f"max_rounds must be >= 0 (0: until the federation finishes), got {self.max_rounds}")
+        if not 0 < self.poll_initial_s <= self.poll_max_s:
+            raise ValueError(
+                f"poll intervals must satisfy 0 < poll_initial_s <= poll_max_s, got {self.poll_initial_s}, {self.poll_max_s}"
+            )
+
 
 @dataclass
 class RoundOutcome:
+    """What one round did, for the summary line (``Reporter.round_summary``)."""
+
     round_id: int
     submitted: bool
     reason: str = ""
@@ -65,17 +119,51 @@ class RoundOutcome:
     bytes_down: int = 0
     dense_bytes: int = 0
     seconds: float = 0.0
+    resumed: bool = False  # the update was encoded before a restart and only (re)sent now
+    duplicate: bool = False  # the aggregator already had it (a retried or resumed upload)
 
 
-def check_data(settings: AgentSettings) -> int:
-    """Fail fast, before contacting the aggregator, on a folder that holds no usable case."""
+@dataclass(frozen=True)
+class DataCheck:
+    """The result of :func:`check_data`: what the site folder holds."""
+
+    folder: Path
+    cases: int
+    usable: int
+    problems: tuple[Problem, ...]
+    num_classes: int | None  # the class count labels were checked against; None: not checked yet
+
+
+def check_data(settings: AgentSettings) -> DataCheck:
+    """Check the site's folder before contacting the aggregator: fail fast, name what is wrong.
+
+    Finds the cases (:func:`client_agent.data.discover_cases`: a missing or empty folder, no
+    labels, an unknown layout) and reads every label and image header
+    (:func:`client_agent.data.validate_cases`: unreadable or missing files, shape and affine
+    mismatches, non-integer labels, and — with ``settings.num_classes`` — label values outside
+    ``[0, num_classes)``). With ``on_bad_file="skip"`` bad cases are skipped with a warning and
+    only a folder without a single usable case fails; with ``"fail"`` any problem fails.
+
+    Raises:
+        DataError: naming the folder or file and what was expected.
+    """
     cases = discover_cases(settings.data)
-    if not cases:
-        raise DataError(f"{settings.data}: no image/label pairs found")
-    return len(cases)
+    mapping = resolve_label_map(settings.label_map)
+    good, problems = validate_cases(
+        cases,
+        num_classes=settings.num_classes or _ANY_CLASS_COUNT,
+        label_map=mapping,
+        on_error=settings.on_bad_file,  # type: ignore[arg-type]
+    )
+    if not good:
+        listing = "; ".join(str(p) for p in problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise DataError(f"no usable case in {settings.data}: {listing}{more}")
+    return DataCheck(settings.data, len(cases), len(good), tuple(problems), settings.num_classes)
 
 
 def model_from_config(config: pb.TrainingConfig) -> torch.nn.Module:
+    """The federation's network, built from the round's ``ModelSpec``."""
     from model import build_model
 
     spec = config.model
@@ -90,11 +178,13 @@ def model_from_config(config: pb.TrainingConfig) -> torch.nn.Module:
 
 
 def named_arrays(model: torch.nn.Module) -> Iterator[tuple[str, np.ndarray]]:
+    """The model's state dict as (name, numpy array) in state-dict order."""
     for name, tensor in model.state_dict().items():
         yield name, tensor.detach().cpu().numpy()
 
 
-def load_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
+def load_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load named numpy arrays into ``model``; both must hold exactly the same tensor names."""
     state = model.state_dict()
     missing = set(state) ^ set(arrays)
     if missing:
@@ -102,8 +192,25 @@ def load_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in state})
 
 
+def update_header(site: str, round_id: int, pending: Mapping[str, Any]) -> pb.UpdateHeader:
+    """The upload's header, from the pending record written when the update was encoded."""
+    return pb.UpdateHeader(
+        site=site,
+        round_id=round_id,
+        sample_count=pending["sample_count"],
+        metrics=pb.LocalMetrics(
+            **{k: pending["metrics"][k] for k in (*METRICS, "train_loss", "train_seconds")},
+            validation_cases=pending["validation_cases"],
+            extra=pending["extra"],
+        ),
+        codec=pb.CodecSpec(**codec.CodecSpec(**pending["codec"]).to_fields()),
+        bytes_downloaded=pending["bytes_downloaded"],
+    )
+
+
 class SiteAgent:
-    """One site's agent. The loop is :meth:`run`; :meth:`run_round` does one round."""
+    """One site's agent. The loop is :meth:`run`; :meth:`run_round` does one round, which is
+    :meth:`prepare_update` (download, train, validate, encode; all persisted) then :meth:`upload`."""
 
     def __init__(self, settings: AgentSettings, client: AggregatorClient, reporter: Reporter) -> None:
         self.settings = settings
@@ -116,9 +223,10 @@ class SiteAgent:
 
     # -- data --------------------------------------------------------------------------------
     def site_data(self, config: pb.TrainingConfig) -> SiteData:
+        """The site's datasets for the federation's model (built once per model geometry)."""
         key = (tuple(config.model.img_size), config.model.out_channels, config.seed)
         if self._data is None or key != self._data_key:
-            self._data = build_datasets(
+            data = build_datasets(
                 self.settings.data,
                 spatial_size=tuple(config.model.img_size),
                 num_classes=config.model.out_channels,
@@ -129,19 +237,40 @@ class SiteAgent:
                 cache_dir=self.settings.cache_dir,
                 on_error=self.settings.on_bad_file,  # type: ignore[arg-type]
             )
-            self._data_key = key
-            if self._data.in_channels != config.model.in_channels:
+            if data.in_channels != config.model.in_channels:
                 raise DataError(
-                    f"{self.settings.data}: images have {self._data.in_channels} channel(s), the federation's "
+                    f"{self.settings.data}: images have {data.in_channels} channel(s), the federation's "
                     f"model takes {config.model.in_channels}"
                 )
+            self._data, self._data_key = data, key
         return self._data
+
+    def check_federation(self, config: pb.TrainingConfig) -> SiteData:
+        """After ``Join``: the site's data must fit the federation's model (classes, channels).
+
+        Raises:
+            DataError: ``--num-classes`` differs from the model's classes, labels hold classes the
+                model does not predict, or images have another number of channels.
+        """
+        classes = config.model.out_channels
+        if self.settings.num_classes is not None and self.settings.num_classes != classes:
+            raise DataError(
+                f"--num-classes is {self.settings.num_classes} but the federation's model predicts {classes} "
+                f"classes (background included); fix --num-classes or the label map of {self.settings.data}"
+            )
+        return self.site_data(config)
 
     def _seed(self, config: pb.TrainingConfig) -> int:
         return config.seed if self.settings.seed is None else self.settings.seed
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self, *, should_stop: Callable[[], bool] = lambda: False) -> int:
+    def run(self, *, stop: threading.Event | None = None) -> int:
+        """Take part in rounds until the federation finishes, ``max_rounds`` are done, or ``stop``.
+
+        Returns 0. Raises :class:`DataError` when the data does not fit the federation and
+        :class:`Refused` when the aggregator refuses this site (unknown site, revoked, …).
+        """
+        stop = stop or threading.Event()
         joined = self.client.join(self.settings.site)
         doc = self.state.load()
         if doc.get("federation_id") not in (None, joined.federation_id):
@@ -152,10 +281,15 @@ class SiteAgent:
         self.state.save({**doc, "site": self.settings.site, "federation_id": joined.federation_id})
         self.reporter.event("joined", site=self.settings.site, federation=joined.federation_id,
                             round=joined.round.round_id)
+        if joined.round.state != pb.ROUND_STATE_FINISHED:
+            data = self.check_federation(joined.round.config)
+            self.reporter.event("data", train=len(data.train), validation=len(data.val),
+                                skipped=len(data.problems), classes=data.num_classes)
         rounds_done = 0
         delay = self.settings.poll_initial_s
-        while not should_stop():
+        while not stop.is_set():
             current = self.client.get_round(self.settings.site)
+            self.settle_stale(current)
             if current.state == pb.ROUND_STATE_FINISHED:
                 self.reporter.event("finished", rounds=current.total_rounds, site=self.settings.site)
                 return 0
@@ -167,32 +301,68 @@ class SiteAgent:
                 if self.settings.max_rounds and rounds_done >= self.settings.max_rounds:
                     return 0
                 continue
-            time.sleep(delay)
+            stop.wait(delay)
             delay = min(self.settings.poll_max_s, delay * 1.5)
+        self.reporter.event("stopped", site=self.settings.site, rounds=rounds_done)
         return 0
 
+    def settle_stale(self, current: pb.Round) -> None:
+        """Resolve updates encoded for rounds that can no longer accept them (closed while down).
+
+        The round's metrics say whether the aggregator committed this site's update before the
+        round closed: a site has at most one submission per round, and this agent only ever
+        sends its pending update, so a listed site means the pending update was applied and its
+        residual must come into force. Otherwise it was never applied: drop it, keep the old
+        residual.
+        """
+        for r in self.state.pending_rounds():
+            stale = r < current.round_id or (r == current.round_id and current.state == pb.ROUND_STATE_FINISHED)
+            if not stale or self.state.is_done(r):
+                continue
+            pending = self.state.pending(r) or {}
+            try:
+                sites = {s.site: s for s in self.client.round_metrics(r).sites}
+            except Refused as exc:
+                log.warning("round %d: cannot learn whether its update was committed (%s); dropping it", r, exc)
+                sites = {}
+            mine = sites.get(self.settings.site)
+            if mine is not None and pending.get("digest"):
+                self.state.finish_round(r, receipt={"digest": pending["digest"], "bytes": mine.bytes_uploaded,
+                                                    "duplicate": True, "confirmed_by": "round_metrics"})
+                self.reporter.event("settled", round=r, committed=True)
+            else:
+                self.state.finish_round(r, receipt=None, refusal=f"round {r} closed before its update was committed")
+                self.reporter.event("settled", round=r, committed=False)
+
     def run_round(self, round_: pb.Round) -> RoundOutcome:
+        """One round: reuse the pending update of an interrupted run, or prepare one; upload it."""
         r = round_.round_id
         started = time.monotonic()
         pending = self.state.pending(r)
+        resumed = pending is not None
         if pending is None:
-            pending = self._train_and_encode(round_)
-        header = pb.UpdateHeader(
-            site=self.settings.site,
-            round_id=r,
-            sample_count=pending["sample_count"],
-            metrics=pb.LocalMetrics(
-                **{k: pending["metrics"][k] for k in (*METRICS, "train_loss", "train_seconds")},
-                validation_cases=pending["validation_cases"],
-                extra=pending["extra"],
-            ),
-            codec=pb.CodecSpec(**codec.CodecSpec(**pending["codec"]).to_fields()),
-            bytes_downloaded=pending["bytes_downloaded"],
-        )
+            try:
+                pending = self.prepare_update(round_)
+            except TrainingError as exc:
+                # The same model, data and seed would fail the same way: skip the round, go on.
+                log.error("round %d: local training failed, nothing is sent: %s", r, exc)
+                self.state.finish_round(r, receipt=None, refusal=f"local training failed: {exc}")
+                return RoundOutcome(r, False, reason=f"local training failed: {exc}", seconds=time.monotonic() - started)
+        else:
+            self.reporter.event("resume", round=r, digest=pending["digest"][:16])
+        outcome = self.upload(r, pending)
+        outcome.resumed = resumed
+        outcome.seconds = time.monotonic() - started
+        return outcome
+
+    def upload(self, round_id: int, pending: Mapping[str, Any]) -> RoundOutcome:
+        """Send the stored update of ``round_id`` and record the receipt (or the refusal)."""
+        r = round_id
         outcome = RoundOutcome(
-            r, False, metrics=pending["metrics"], bytes_down=pending["bytes_downloaded"],
+            r, False, metrics=dict(pending["metrics"]), bytes_down=pending["bytes_downloaded"],
             dense_bytes=pending["dense_bytes"],
         )
+        header = update_header(self.settings.site, r, pending)
         try:
             receipt = self.client.submit(header, self.state.path("pending", r), pending["digest"], pending["chunks"])
         except Refused as exc:
@@ -200,21 +370,32 @@ class SiteAgent:
             log.warning("round %d: update refused by the aggregator: %s", r, exc)
             self.state.finish_round(r, receipt=None, refusal=str(exc))
             outcome.reason = str(exc)
-        else:
-            self.state.finish_round(
-                r, receipt={"digest": receipt.digest, "bytes": receipt.bytes_received, "duplicate": receipt.duplicate}
-            )
-            outcome.submitted = True
-            outcome.bytes_up = receipt.bytes_received
-        outcome.seconds = time.monotonic() - started
+            return outcome
+        self.state.finish_round(
+            r, receipt={"digest": receipt.digest, "bytes": receipt.bytes_received, "duplicate": receipt.duplicate}
+        )
+        outcome.submitted = True
+        outcome.duplicate = receipt.duplicate
+        outcome.bytes_up = receipt.bytes_received
         return outcome
 
-    def _train_and_encode(self, round_: pb.Round) -> dict[str, Any]:
+    def prepare_update(self, round_: pb.Round) -> dict[str, Any]:
+        """Download, train, validate, encode; returns the pending record (already on disk).
+
+        Order on disk: the round's global model, the local model, the encoded frames and the new
+        residual, and last the pending record, which is the commit point: an agent killed before
+        it trains the round again, one killed after it resends these very frames.
+        """
         r, config = round_.round_id, round_.config
-        data = self.site_data(config)
+        data = self.check_federation(config)
         downloaded = self.client.download(r, self.settings.site, self.state.path("global", r))
         if downloaded.round_id != r:
             raise RuntimeError(f"asked for round {r}'s model, the aggregator sent round {downloaded.round_id}'s")
+        if round_.global_model_digest and downloaded.digest != round_.global_model_digest:
+            raise RuntimeError(
+                f"round {r}: downloaded model digest {downloaded.digest[:16]}… differs from the round's "
+                f"{round_.global_model_digest[:16]}…"
+            )
         global_arrays = self.state.read_tensors("global", r)
 
         seed = self._seed(config) + r  # a new shuffle and augmentation draw every round
@@ -225,15 +406,18 @@ class SiteAgent:
         model.to(self.device)
         from model import DiceCELoss
 
-        loss_fn = DiceCELoss(lambda_dice=config.lambda_dice or 0.5)
+        # proto3 cannot tell an unset 0 from an explicit one; the aggregator always sends its
+        # configured value (0 = cross-entropy only), so it is used as is.
+        loss_fn = DiceCELoss(lambda_dice=float(config.lambda_dice))
         loader = make_loader(data.train, batch_size=config.batch_size or 1, shuffle=True, seed=seed,
                              num_workers=self.settings.num_workers)
         trained = train_local(
             model, loader, epochs=config.local_epochs or 1, lr=config.learning_rate or 1e-4, device=self.device,
             amp=self.settings.amp, loss_fn=loss_fn, fedprox_mu=config.fedprox_mu,
-            progress=self.reporter.progress(r, len(data.train)),
+            progress=self.reporter.progress(r),
         )
-        scores = evaluate(model, data.val, device=self.device, num_classes=config.model.out_channels)
+        scores = evaluate(model, data.val, device=self.device, num_classes=config.model.out_channels,
+                          amp=self.settings.amp)
 
         local = dict(named_arrays(model))
         self.state.write_tensors("local", r, local.items())
@@ -255,7 +439,13 @@ class SiteAgent:
         metrics = {k: float(scores[k]) for k in METRICS}
         metrics["train_loss"] = float(trained.final_loss)
         metrics["train_seconds"] = float(trained.seconds)
-        extra = {f"dice/{c}": float(v["dice"]) for c, v in scores.get("per_class", {}).items()}
+        # The aggregator refuses a header with a non-finite metric; an undefined per-class
+        # extra is left out rather than costing the whole update.
+        extra = {
+            f"dice/{c}": float(v["dice"])
+            for c, v in scores.get("per_class", {}).items()
+            if math.isfinite(float(v["dice"]))
+        }
         pending = {
             "sample_count": len(data.train),
             "metrics": metrics,

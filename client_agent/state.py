@@ -16,7 +16,9 @@ new residual and the aggregator's receipt keeps the old one, and a residual is n
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -24,6 +26,8 @@ import numpy as np
 
 import codec
 from aggregator_service.store import atomic_write_bytes, atomic_writer
+
+log = logging.getLogger(__name__)
 
 
 class SiteState:
@@ -71,10 +75,42 @@ class SiteState:
 
     # -- pending uploads ---------------------------------------------------------------------
     def pending(self, round_id: int) -> dict[str, Any] | None:
+        """The encoded update of ``round_id`` waiting for its receipt, or None.
+
+        None also when its frames are missing or no longer hash to the recorded digest (a
+        damaged disk): the round is then trained and encoded afresh rather than sending bytes
+        the aggregator would refuse.
+        """
         try:
-            return json.loads((self.root / f"pending-{round_id:04d}.json").read_text())
+            header = json.loads((self.root / f"pending-{round_id:04d}.json").read_text())
         except FileNotFoundError:
             return None
+        try:
+            digest = self.frames_digest("pending", round_id)
+        except (OSError, codec.CodecError) as exc:
+            log.warning("round %d: pending update unreadable (%s); it will be encoded again", round_id, exc)
+            return None
+        if digest != header.get("digest"):
+            log.warning("round %d: pending update does not match its digest; it will be encoded again", round_id)
+            return None
+        return header
+
+    def pending_rounds(self) -> list[int]:
+        """Rounds with an encoded update still waiting for its receipt, in order."""
+        rounds = []
+        for path in self.root.glob("pending-*.json"):
+            number = path.stem.rpartition("-")[2]
+            if number.isdigit():
+                rounds.append(int(number))
+        return sorted(rounds)
+
+    def frames_digest(self, kind: str, round_id: int) -> str:
+        """SHA-256 (hex) of a frames file's frames concatenated in order: an upload's identity."""
+        sha = hashlib.sha256()
+        with open(self.path(kind, round_id), "rb") as fh:
+            for frame in codec.read_frames(fh):
+                sha.update(frame)
+        return sha.hexdigest()
 
     def save_pending(self, round_id: int, header: Mapping[str, Any]) -> None:
         atomic_write_bytes(

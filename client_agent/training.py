@@ -99,7 +99,10 @@ def seed_everything(seed: int) -> None:
 class EpochProgress:
     """Where training is: reported after every step and once more at each epoch's end (``epoch_done``).
 
-    ``epoch`` is 1-based; ``loss`` is the mean loss of this epoch's steps so far.
+    ``epoch`` is 1-based; ``loss`` is the mean loss of this epoch's steps so far; ``seconds`` counts
+    from the start of training, ``epoch_seconds`` from the start of this epoch, in which
+    ``epoch_volumes`` volumes have been trained on so far (so ``epoch_volumes / epoch_seconds`` is
+    the epoch's throughput whatever the batch size and however many epochs came before).
     """
 
     epoch: int
@@ -109,6 +112,13 @@ class EpochProgress:
     loss: float
     seconds: float
     epoch_done: bool
+    epoch_volumes: int = 0
+    epoch_seconds: float = 0.0
+
+    @property
+    def volumes_per_s(self) -> float:
+        """Volumes trained per second in this epoch so far (0 before any time has passed)."""
+        return self.epoch_volumes / self.epoch_seconds if self.epoch_seconds > 0 else 0.0
 
 
 @dataclass
@@ -222,7 +232,8 @@ def train_local(
     steps = volumes = 0
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        total, count = 0.0, 0
+        total, count, epoch_volumes = 0.0, 0, 0
+        epoch_start = time.perf_counter()
         for step, batch in enumerate(loader, start=1):
             image = batch["image"].to(device, non_blocking=True)
             label = batch["label"].to(device, non_blocking=True)
@@ -249,14 +260,19 @@ def train_local(
             count += 1
             steps += 1
             volumes += int(image.shape[0])
+            epoch_volumes += int(image.shape[0])
             if progress is not None:
-                progress(EpochProgress(epoch, epochs, step, steps_in_epoch, total / count, time.perf_counter() - start, False))
+                now = time.perf_counter()
+                progress(EpochProgress(epoch, epochs, step, steps_in_epoch, total / count, now - start, False,
+                                       epoch_volumes, now - epoch_start))
         if count == 0:
             raise TrainingError(f"the training loader yielded no batch in epoch {epoch}; the site has no training data")
         epoch_losses.append(total / count)
         logger.info("epoch %d/%d: loss %.4f (%d steps)", epoch, epochs, total / count, count)
         if progress is not None:
-            progress(EpochProgress(epoch, epochs, count, steps_in_epoch, total / count, time.perf_counter() - start, True))
+            now = time.perf_counter()
+            progress(EpochProgress(epoch, epochs, count, steps_in_epoch, total / count, now - start, True,
+                                   epoch_volumes, now - epoch_start))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

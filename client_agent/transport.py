@@ -1,8 +1,14 @@
 """The agent's side of the wire: a gRPC client for the aggregator with retries.
 
-Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED from a busy server) are
-retried with exponential backoff and full jitter; anything else is the aggregator's answer and is
-raised as :class:`Refused` with its status and message.
+Transient failures are retried with exponential backoff and full jitter: UNAVAILABLE (no server,
+a dropped connection, a store that cannot be written right now) and DEADLINE_EXCEEDED for as long
+as the backoff allows (forever by default: an agent outlives network outages), and
+RESOURCE_EXHAUSTED (a busy server: too many streams, a full store) ``busy_attempts`` times, since
+the same code also means "update too large", which no retry cures. Anything else is the
+aggregator's answer and is raised as :class:`Refused` with its status and message.
+
+Retrying an upload is safe: it resends the same stored bytes, and the aggregator treats a second
+commit of the same (site, round, digest) as a duplicate of the first.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+BUSY = grpc.StatusCode.RESOURCE_EXHAUSTED
 MAX_MESSAGE_BYTES = 4 << 20
 MAX_DIGEST_FAILURES = 3
+DEFAULT_BUSY_ATTEMPTS = 8
 
 
 class Refused(Exception):
@@ -72,7 +80,23 @@ class AggregatorClient:
         rpc_timeout_s: float = 600.0,
         sleep: Callable[[float], None] = time.sleep,
         seed: int | None = None,
+        busy_attempts: int = DEFAULT_BUSY_ATTEMPTS,
     ) -> None:
+        """A client of the aggregator at ``target`` (HOST:PORT).
+
+        Args (keyword-only):
+            credentials: TLS channel credentials (``client_agent.tls``); None for plaintext.
+            backoff: retry schedule for transient failures.
+            rpc_timeout_s: deadline of each call (a whole upload or download is one call).
+            sleep: how to wait between attempts; a caller that must stop promptly passes one that
+                raises (e.g. when a stop event is set) instead of sleeping.
+            seed: seed of the jitter (tests).
+            busy_attempts: attempts at a call answered RESOURCE_EXHAUSTED before giving up.
+        """
+        if rpc_timeout_s <= 0:
+            raise ValueError(f"rpc_timeout_s must be > 0, got {rpc_timeout_s}")
+        if busy_attempts < 1:
+            raise ValueError(f"busy_attempts must be >= 1, got {busy_attempts}")
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -88,19 +112,25 @@ class AggregatorClient:
         self.rpc_timeout_s = rpc_timeout_s
         self._sleep = sleep
         self._rng = random.Random(seed)
+        self.busy_attempts = busy_attempts
 
     def close(self) -> None:
         self.channel.close()
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         delays = self.backoff.delays(self._rng)
+        busy = 0
         while True:
             try:
                 return fn()
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
                 details = exc.details()  # type: ignore[attr-defined]
-                if code not in RETRYABLE:
+                if code == BUSY:
+                    busy += 1
+                    if busy >= self.busy_attempts:
+                        raise Refused(code, f"{details} (gave up after {busy} attempts)") from None
+                elif code not in RETRYABLE:
                     raise Refused(code, details) from None
                 delay = next(delays, None)
                 if delay is None:
@@ -116,6 +146,13 @@ class AggregatorClient:
             "get round", lambda: self.stub.GetRound(pb.GetRoundRequest(site=site), timeout=self.rpc_timeout_s)
         )
         return response.round
+
+    def round_metrics(self, round_id: int) -> pb.GetRoundMetricsResponse:
+        """A round's per-site metrics (which sites' updates it committed)."""
+        return self._call(
+            "round metrics",
+            lambda: self.stub.GetRoundMetrics(pb.GetRoundMetricsRequest(round_id=round_id), timeout=self.rpc_timeout_s),
+        )
 
     def download(self, round_id: int, site: str, dest: Path) -> Downloaded:
         """Stream a round's global model to ``dest`` (atomically) and check its digest.

@@ -53,7 +53,7 @@ def _init_model(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from experiments import sitedata
+    from experiments import centralized, certs, sitedata
 
     parser = argparse.ArgumentParser(prog="fedseg", description="FedSegNet experiments and tools.")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=_experiment)
 
     sitedata.add_cli(sub)
+    centralized.add_cli(sub)
+    certs.add_cli(sub)
     return parser
 
 

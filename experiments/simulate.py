@@ -337,7 +337,7 @@ def run_simulation(
         aggregator = procs.start("aggregator", [
             sys.executable, "-m", "aggregator_service.server", "--config", str(workdir / "federation.toml"),
             "--store", str(store), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--initial-model", str(initial),
-            "--port-file", str(port_file),
+            "--port-file", str(port_file), "--insecure",  # loopback only; SECURITY.md
         ], env)
         port = _wait_for_port(port_file, aggregator)
         target = f"127.0.0.1:{port}"
