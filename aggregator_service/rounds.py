@@ -37,7 +37,7 @@ from aggregator_service.errors import (
     WrongRound,
     check_site_name,
 )
-from aggregator_service.store import Store, atomic_writer
+from aggregator_service.store import Store
 from aggregator_service import strategies
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def initialize(store: Store, config: FederationConfig, initial_model: Path | Non
             "(made with `fedseg init-model --config FEDERATION.toml --out FILE`)"
         )
     manifest = _verify_model_file(initial_model)
-    with atomic_writer(store.model_path(1)) as out, open(initial_model, "rb") as src:
+    with codec.atomic_writer(store.model_path(1)) as out, open(initial_model, "rb") as src:
         while block := src.read(1 << 20):
             out.write(block)
     _write_manifest(store, 1, manifest)
@@ -609,7 +609,7 @@ def close_round(store: Store, config: FederationConfig, *, now: float, clock: Ca
                 sha.update(frame)
                 yield frame
 
-        with atomic_writer(dst) as fh:
+        with codec.atomic_writer(dst) as fh:
             codec.write_frames(fh, hashed(codec.encode_tensors(new_tensors(), codec.LOSSLESS)))
         strategy.save_state(store, round_id + 1, state_in)
     finally:

@@ -283,7 +283,7 @@ class SiteAgent:
                             round=joined.round.round_id)
         if joined.round.state != pb.ROUND_STATE_FINISHED:
             data = self.check_federation(joined.round.config)
-            self.reporter.event("data", train=len(data.train), validation=len(data.val),
+            self.reporter.event("datasets", train=len(data.train), validation=len(data.val),
                                 skipped=len(data.problems), classes=data.num_classes)
         rounds_done = 0
         delay = self.settings.poll_initial_s

@@ -79,6 +79,16 @@ def _fraction(value: Any) -> float:
     return number
 
 
+def _positive_seconds(value: Any) -> float:
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        raise OptionError(f"expected a number of seconds > 0, got {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise OptionError(f"expected a number of seconds > 0, got {value!r}")
+    return number
+
+
 def _choice(*allowed: str) -> Parser:
     def parse(value: Any) -> str:
         if value not in allowed:
@@ -180,6 +190,9 @@ OPTIONS: tuple[Option, ...] = (
            default=0, metavar="N"),
     Option("max-rounds", "stop after taking part in this many rounds (0: until the federation finishes)",
            parse=_integer(0), default=0, metavar="N"),
+    Option("rpc-timeout", "seconds one call may take (a whole model download or update upload is one call) "
+           "before it is abandoned and retried; raise it for large models on slow links",
+           parse=_positive_seconds, default=600.0, metavar="SECONDS"),
     Option("tls-cert", "this site's certificate (PEM, from `fedseg certs`); with --tls-key and --tls-ca it "
            "turns on mutual TLS", path=True, metavar="FILE"),
     Option("tls-key", "this site's private key (PEM)", path=True, metavar="FILE"),
@@ -250,7 +263,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise OptionError(f"cannot read it: {exc.strerror or exc}") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
-            import yaml
+            import yaml  # type: ignore[import-untyped]
         except ImportError:
             raise OptionError("YAML configuration needs PyYAML (pip install pyyaml); or write it as TOML") from None
         try:
@@ -450,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         # finishes first. A harder kill is safe too: the state directory is crash-consistent.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    client = AggregatorClient(settings.aggregator, credentials=credentials, sleep=_interruptible_sleep(stop))
+    client = AggregatorClient(settings.aggregator, credentials=credentials, rpc_timeout_s=values["rpc_timeout"],
+                              sleep=_interruptible_sleep(stop))
     try:
         return SiteAgent(settings, client, reporter).run(stop=stop)
     except _Stopped:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -49,11 +50,7 @@ def _finite_or_none(value: float) -> float | None:
 
 def tensorboard_available() -> bool:
     """Whether ``--tensorboard`` can work here (the ``tensorboard`` package is installed)."""
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 class TensorBoardLog:

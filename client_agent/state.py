@@ -20,12 +20,12 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, BinaryIO, Iterable, Mapping, cast
 
 import numpy as np
 
 import codec
-from aggregator_service.store import atomic_write_bytes, atomic_writer
+from codec import atomic_write_bytes, atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,13 @@ class SiteState:
     def write_tensors(self, kind: str, round_id: int, tensors: Iterable[tuple[str, np.ndarray]]) -> Path:
         path = self.path(kind, round_id)
         with atomic_writer(path) as fh:
-            codec.write_frames(fh, codec.encode_tensors(tensors, codec.LOSSLESS))
+            codec.write_frames(cast(BinaryIO, fh), codec.encode_tensors(tensors, codec.LOSSLESS))
         return path
 
     def write_frames(self, kind: str, round_id: int, frames: Iterable[bytes]) -> Path:
         path = self.path(kind, round_id)
         with atomic_writer(path) as fh:
-            codec.write_frames(fh, frames)
+            codec.write_frames(cast(BinaryIO, fh), frames)
         return path
 
     def read_tensors(self, kind: str, round_id: int) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ Typical use::
     model = dict(decode_frames(frames))                            # anyone
 """
 
-from .container import FILE_MAGIC, load_tensors, read_frames, save_tensors, write_frames
+from .container import FILE_MAGIC, atomic_write_bytes, atomic_writer, load_tensors, read_frames, save_tensors, write_frames
 from .errors import CodecError
 from .frame import MAX_FRAME_BYTES, PAYLOAD_BUDGET, SUPPORTED_DTYPES, FrameHeader, read_header
 from .spec import LOSSLESS, CodecSpec
@@ -52,4 +52,6 @@ __all__ = [
     "read_frames",
     "save_tensors",
     "load_tensors",
+    "atomic_writer",
+    "atomic_write_bytes",
 ]

@@ -6,6 +6,7 @@ then a ``u32 0`` end marker. The end marker makes a file cut at a frame boundary
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import tempfile
@@ -19,7 +20,9 @@ from .frame import MAX_FRAME_BYTES
 from .spec import LOSSLESS, CodecSpec
 from .stream import DEFAULT_MAX_TENSOR_BYTES, NamedTensors, decode_frames, encode_tensors
 
-__all__ = ["FILE_MAGIC", "write_frames", "read_frames", "save_tensors", "load_tensors"]
+__all__ = [
+    "FILE_MAGIC", "write_frames", "read_frames", "save_tensors", "load_tensors", "atomic_writer", "atomic_write_bytes",
+]
 
 FILE_MAGIC = b"FSNC\x01\x00\x00\x00"
 _LENGTH = struct.Struct("<I")
@@ -74,35 +77,46 @@ def read_frames(fileobj: BinaryIO, *, max_frame_bytes: int = MAX_FRAME_BYTES) ->
         index += 1
 
 
-def save_tensors(path: str | os.PathLike[str], tensors: NamedTensors, spec: CodecSpec = LOSSLESS) -> int:
-    """Atomically write named tensors to ``path`` as a frame file; return its size in bytes.
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Yield a binary file that replaces ``path`` atomically when the block exits without error.
 
-    Writes a temporary file in the same directory, fsyncs it, then renames it over ``path``, so
-    a crash leaves either the old file or the new one.
+    A temporary file in the same directory is fsynced, renamed over ``path`` and the directory
+    fsynced, so readers (and a crash) see either the old file or the new one, never a mix.
     """
     target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            size = write_frames(fh, encode_tensors(tensors, spec))
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     try:
         dir_fd = os.open(target.parent, os.O_RDONLY)
     except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return size
+        return
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return size
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (see :func:`atomic_writer`)."""
+    with atomic_writer(path) as fh:
+        fh.write(data)
+
+
+def save_tensors(path: str | os.PathLike[str], tensors: NamedTensors, spec: CodecSpec = LOSSLESS) -> int:
+    """Atomically write named tensors to ``path`` as a frame file; return its size in bytes."""
+    with atomic_writer(path) as fh:
+        return write_frames(fh, encode_tensors(tensors, spec))
 
 
 def load_tensors(
