@@ -258,7 +258,7 @@ class AggregatorProcess:
             sys.executable, "-m", "aggregator_service.server",
             "--config", str(self.config),
             "--store", str(self.store),
-            "--listen", "127.0.0.1:0",
+            "--listen", "127.0.0.1:0", "--insecure",  # loopback benchmark
             "--metrics-listen", "off",
             "--port-file", str(self.port_file),
             "--initial-model", str(self.initial_model),
