@@ -47,7 +47,6 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -984,21 +983,3 @@ def add_cli(subparsers: Any) -> None:
                               "native: windows at the scan's resolution")
     segment.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1) (default 0.25)")
     segment.set_defaults(func=_run_segment)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m experiments.centralized train|evaluate|segment …`` (the same as ``fedseg …``)."""
-    parser = argparse.ArgumentParser(prog="fedseg", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args))
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
-        print(f"fedseg {args.command}: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,6 +14,7 @@ import torch
 import codec
 from client_agent.data import DataError, PreprocessConfig, preprocess_image
 from experiments import centralized
+from experiments.cli import main as fedseg_main
 from experiments.centralized import (
     TrainSettings,
     evaluate_model,
@@ -129,7 +130,7 @@ def test_evaluate_on_model_grid_matches_training_validation(loaded, trained, fed
 
 def test_evaluate_cli_prints_table_and_writes_json(trained, fed, tmp_path: Path, capsys) -> None:
     out = tmp_path / "metrics.json"
-    code = centralized.main(["evaluate", "--model", str(trained.checkpoint), "--data", str(fed.test_dir),
+    code = fedseg_main(["evaluate", "--model", str(trained.checkpoint), "--data", str(fed.test_dir),
                              "--json", str(out), "--device", "cpu"])
 
     assert code == 0
@@ -301,7 +302,7 @@ def test_train_settings_are_validated(tmp_path: Path, field: str, value, message
 
 
 def test_cli_reports_errors_with_exit_status_2(trained, tmp_path: Path, capsys) -> None:
-    code = centralized.main(["segment", "--model", str(trained.checkpoint), "--input", str(tmp_path / "x.nii.gz"),
+    code = fedseg_main(["segment", "--model", str(trained.checkpoint), "--input", str(tmp_path / "x.nii.gz"),
                              "--output", str(tmp_path / "m.nii.gz"), "--device", "cpu"])
 
     assert code == 2
