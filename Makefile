@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# buf lints the protos (tests/test_k8s.py); it comes from npm, so only where npm is.
+	if command -v npm >/dev/null; then npm install --silent --prefix .tools @bufbuild/buf@1.75.0; fi
 	touch $(STAMP)
 
 demo: setup

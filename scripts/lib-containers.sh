@@ -1,5 +1,6 @@
 # Shared by scripts/*.sh (sourced, not run): the container engine, its settings, the image names.
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # the names defined here are used by the scripts that source this file
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=docker/images.env
