@@ -56,9 +56,18 @@ cleanup() {
         exit "$status"
     fi
     if [ -f "$play" ]; then
-        podman kube down "$play" >/dev/null 2>&1 || true
-        # podman keeps a volume for each ConfigMap a pod mounted
-        podman volume rm --force fedsegnet-federation >/dev/null 2>&1 || true
+        # Bounded: a wedged podman must not hold CI until its time runs out.
+        timeout 120 podman kube down "$play" >/dev/null 2>&1 \
+            || log "podman kube down failed; removing the pods by name"
+        local pod
+        for pod in $(timeout 30 podman pod ps --format '{{.Name}}' | grep '^fedsegnet-' || true); do
+            timeout 60 podman pod rm --force "$pod" >/dev/null 2>&1 || log "could not remove pod $pod"
+        done
+        # The volumes podman made for the pods' emptyDirs and ConfigMaps.
+        if [ -s "$work/volumes.txt" ]; then
+            # shellcheck disable=SC2046  # one volume name a line, no spaces
+            timeout 60 podman volume rm --force $(cat "$work/volumes.txt") >/dev/null 2>&1 || true
+        fi
     fi
     rm -rf "$work"
     exit "$status"
@@ -88,6 +97,15 @@ done
 chown -R 10001:10001 "$work/store" "$work/revoked" "$work/tls" "$work/state"
 chmod -R a+rX "$work/data"
 
+dump_logs() {
+    local c
+    for c in $(timeout 30 podman ps -a --format '{{.Names}}' | grep '^fedsegnet-' | grep -v infra); do
+        echo "---- podman logs $c (last 30 lines)" >&2
+        timeout 30 podman logs --tail 30 "$c" >&2 2>&1 || true
+    done
+}
+fail() { log "FAIL: $*"; dump_logs; exit 1; }
+
 # 3. play the manifests on loopback ports nobody else holds
 read -r grpc_port metrics_port health_port < <("$PYTHON" - <<'EOF'
 import socket
@@ -98,20 +116,12 @@ print(*(s.getsockname()[1] for s in socks))
 EOF
 )
 "$PYTHON" scripts/podman_variant.py --workdir "$work" --grpc-port "$grpc_port" --metrics-port "$metrics_port" \
-    --health-port "$health_port" "${site_args[@]}" >"$play"
+    --health-port "$health_port" --volumes-out "$work/volumes.txt" "${site_args[@]}" >"$play"
 log "podman kube play (aggregator on 127.0.0.1:$grpc_port, metrics :$metrics_port)"
-podman kube play --replace --quiet "$play" >/dev/null
+timeout 300 podman kube play --replace --quiet "$play" >/dev/null || fail "podman kube play failed"
 
 aggregator=$(podman ps -a --format '{{.Names}}' | grep '^fedsegnet-aggregator-.*-aggregator$' | head -n 1 || true)
-[ -n "$aggregator" ] || die "no aggregator container was started"
-dump_logs() {
-    local c
-    for c in $(podman ps -a --format '{{.Names}}' | grep '^fedsegnet-' | grep -v infra); do
-        echo "---- podman logs $c (last 30 lines)" >&2
-        podman logs --tail 30 "$c" >&2 2>&1 || true
-    done
-}
-fail() { log "FAIL: $*"; dump_logs; exit 1; }
+[ -n "$aggregator" ] || fail "no aggregator container was started"
 
 # 4. checks
 [ -s "$work/store/initial-model.frames" ] || fail "the initial-model init container wrote no model"

@@ -36,7 +36,7 @@ from typing import Any, Iterable
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-UID = 10001
+INIT_CONTAINER_TYPE = "io.podman.annotations.init.container.type"
 
 TINY_FEDERATION = """\
 # The tiny federation of tests/test_federation.py: one round, two sites, 32^3 volumes.
@@ -174,6 +174,11 @@ def podman_variant(
                 })
             _private_empty_dirs(spec, doc["metadata"]["name"])
             doc["spec"]["template"]["spec"] = spec
+            # Podman 4.3 removes a run-once init container right after it exits and can race
+            # with its own cleanup of it ("cannot remove container ... as it is running"),
+            # leaving the pod half started; an "always" init container is kept, not removed.
+            annotations = doc["spec"]["template"]["metadata"].setdefault("annotations", {})
+            annotations[INIT_CONTAINER_TYPE] = "always"
             out.append(doc)
     for site, data in sites.items():
         out.append(_site_pod(site_template, site, data, workdir, grpc_port))
@@ -212,6 +217,19 @@ def _site_pod(template: Doc, site: str, data: Path, workdir: Path, grpc_port: in
     }
 
 
+def volume_names(docs: Iterable[Doc]) -> list[str]:
+    """The podman volumes playing ``docs`` creates: one per emptyDir and per ConfigMap mounted."""
+    names: list[str] = []
+    for doc in docs:
+        spec = doc["spec"]["template"]["spec"] if doc["kind"] == "Deployment" else doc.get("spec", {})
+        for volume in spec.get("volumes", []):
+            if "emptyDir" in volume:
+                names.append(volume["name"])
+            elif "configMap" in volume:
+                names.append(volume["configMap"]["name"])
+    return sorted(set(names))
+
+
 def _literal_blocks(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
     """Multi-line strings (the TOML file, the init container's script) as readable ``|`` blocks."""
     style = "|" if "\n" in text else None
@@ -227,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--health-port", type=int, required=True)
     p.add_argument("--site", action="append", required=True, metavar="NAME=DATA_DIR",
                    help="a site and its NIfTI folder (repeat for each site)")
+    p.add_argument("--volumes-out", type=Path,
+                   help="write the names of the podman volumes the play creates here, one a line")
     args = p.parse_args(argv)
     sites = {}
     for item in args.site:
@@ -238,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         load_manifests(args.k8s), workdir=args.workdir.resolve(), grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, health_port=args.health_port, sites=sites,
     )
+    if args.volumes_out:
+        args.volumes_out.write_text("".join(f"{name}\n" for name in volume_names(docs)))
     yaml.SafeDumper.add_representer(str, _literal_blocks)
     yaml.safe_dump_all(docs, sys.stdout, sort_keys=False)
     return 0
