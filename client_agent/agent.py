@@ -42,6 +42,7 @@ from client_agent.data import (
     resolve_label_map,
     validate_cases,
 )
+from client_agent.privacy import clip_and_noise
 from client_agent.reporting import Reporter
 from client_agent.state import SiteState
 from client_agent.training import TrainingError, evaluate, pick_device, seed_everything, train_local
@@ -89,6 +90,8 @@ class AgentSettings:
     poll_max_s: float = 10.0
     max_rounds: int = 0  # 0: until the federation finishes
     seed: int | None = None  # None: the federation's seed
+    dp_clip_norm: float = 0.0  # > 0: clip each update to this L2 norm (client-side DP)
+    dp_noise_multiplier: float = 0.0  # Gaussian noise std = multiplier x clip norm
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -99,6 +102,10 @@ class AgentSettings:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.num_classes is not None and self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background and one class), got {self.num_classes}")
+        if self.dp_clip_norm < 0 or self.dp_noise_multiplier < 0:
+            raise ValueError("dp_clip_norm and dp_noise_multiplier must be >= 0")
+        if self.dp_noise_multiplier > 0 and self.dp_clip_norm == 0:
+            raise ValueError("dp_noise_multiplier needs dp_clip_norm > 0: noise is calibrated to the clip norm")
         if self.max_rounds < 0:
             raise ValueError(f"max_rounds must be >= 0 (0: until the federation finishes), got {self.max_rounds}")
         if not 0 < self.poll_initial_s <= self.poll_max_s:
@@ -422,8 +429,16 @@ class SiteAgent:
         local = dict(named_arrays(model))
         self.state.write_tensors("local", r, local.items())
         spec = codec.CodecSpec.from_message(config.codec)
-        deltas = [(name, local[name] - global_arrays[name]) for name in global_arrays]
-        encoded = codec.encode_update(deltas, spec, self.state.residual())
+        deltas = {name: local[name] - global_arrays[name] for name in global_arrays}
+        privacy: dict[str, float] = {}
+        if self.settings.dp_clip_norm > 0:
+            # Clip and noise before the codec: error feedback then carries only the noised update,
+            # never the raw one, so nothing unclipped reaches the wire in a later round either.
+            deltas, report = clip_and_noise(deltas, self.settings.dp_clip_norm,
+                                            self.settings.dp_noise_multiplier, np.random.default_rng())
+            privacy = {"dp/clip_norm": report.clip_norm, "dp/noise_multiplier": report.noise_multiplier,
+                       "dp/update_norm": report.norm, "dp/clip_scale": report.scale}
+        encoded = codec.encode_update(list(deltas.items()), spec, self.state.residual())
         sha = hashlib.sha256()
         chunks = 0
 
@@ -446,6 +461,7 @@ class SiteAgent:
             for c, v in scores.get("per_class", {}).items()
             if math.isfinite(float(v["dice"]))
         }
+        extra.update(privacy)
         pending = {
             "sample_count": len(data.train),
             "metrics": metrics,

@@ -89,6 +89,16 @@ def _positive_seconds(value: Any) -> float:
     return number
 
 
+def _non_negative(value: Any) -> float:
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        raise OptionError(f"expected a finite number >= 0, got {value!r}") from None
+    if not 0 <= number < float("inf"):
+        raise OptionError(f"expected a finite number >= 0, got {value!r}")
+    return number
+
+
 def _choice(*allowed: str) -> Parser:
     def parse(value: Any) -> str:
         if value not in allowed:
@@ -190,6 +200,11 @@ OPTIONS: tuple[Option, ...] = (
            default=0, metavar="N"),
     Option("max-rounds", "stop after taking part in this many rounds (0: until the federation finishes)",
            parse=_integer(0), default=0, metavar="N"),
+    Option("dp-clip-norm", "differential privacy: clip each update to this L2 norm before encoding "
+           "(0: off); the clip norm and noise are reported with every round's metrics",
+           parse=_non_negative, default=0.0, metavar="C"),
+    Option("dp-noise-multiplier", "differential privacy: add Gaussian noise of std MULTIPLIER x the clip norm "
+           "to every clipped update (needs --dp-clip-norm)", parse=_non_negative, default=0.0, metavar="SIGMA"),
     Option("rpc-timeout", "seconds one call may take (a whole model download or update upload is one call) "
            "before it is abandoned and retried; raise it for large models on slow links",
            parse=_positive_seconds, default=600.0, metavar="SECONDS"),
@@ -360,6 +375,8 @@ def settings_from_options(values: Mapping[str, Any]) -> Any:
         num_workers=values["num_workers"],
         num_classes=values["num_classes"],
         max_rounds=values["max_rounds"],
+        dp_clip_norm=values["dp_clip_norm"],
+        dp_noise_multiplier=values["dp_noise_multiplier"],
     )
 
 

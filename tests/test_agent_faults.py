@@ -269,3 +269,18 @@ def test_killed_after_the_commit_of_a_round_that_then_closed_settles_it(mni_site
     assert doc["residual"] == "residual-0001.frames", "the committed update's residual must come into force"
     assert status.submissions_total == 1
     assert not list(state.glob("pending-*"))
+
+
+def test_differential_privacy_clips_the_uploaded_update_and_reports_it(mni_site: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    clip = 1e-3  # far below a real first-round update's norm, so clipping must act
+    with Federation(tmp_path, federation_config(rounds=1)) as fed:
+        run_agent(settings(mni_site, state, fed.target, dp_clip_norm=clip))
+        stored = fed.store.read_submission(1, SITE)
+        metrics = fed.round_metrics(1)
+    # Dense lossless codec and no noise: the stored update's norm is exactly the clip norm.
+    assert stored["update_norm"] == pytest.approx(clip, rel=1e-4)
+    extra = dict(metrics.sites[0].metrics.extra)
+    assert extra["dp/clip_norm"] == pytest.approx(clip)
+    assert extra["dp/noise_multiplier"] == 0.0
+    assert extra["dp/update_norm"] > clip and 0 < extra["dp/clip_scale"] < 1
