@@ -6,7 +6,9 @@ machine, changes:
 
 * Kinds podman does not play (Namespace, Service, NetworkPolicy) are dropped; the aggregator
   Deployment stays a Deployment, and each site's Deployment becomes a Pod with
-  ``restartPolicy: Never`` so the script can read the agent's exit status.
+  ``restartPolicy: Never`` so the script can read the agent's exit status. The aggregator's init
+  container runs as a Pod of its own, played and waited for first (podman 4.3 races with itself
+  over init containers).
 * Networking: every pod shares the host's network (``hostNetwork``) and the aggregator listens
   on 127.0.0.1 ports picked by the caller, so no traffic leaves the loopback interface (the
   podman bridge's private addresses are not used).
@@ -22,7 +24,7 @@ machine, changes:
 Usage (from the repository root, with the project's venv)::
 
     python scripts/podman_variant.py --workdir W --grpc-port P --metrics-port M --health-port H \\
-        --site site-1=DATA1 --site site-2=DATA2 > W/play.yaml
+        --site site-1=DATA1 --site site-2=DATA2 --init-out W/init.yaml > W/play.yaml
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any, Iterable
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-INIT_CONTAINER_TYPE = "io.podman.annotations.init.container.type"
+INIT_ROLE = "fedsegnet.io/podman-init"
 
 TINY_FEDERATION = """\
 # The tiny federation of tests/test_federation.py: one round, two sites, 32^3 volumes.
@@ -173,17 +175,52 @@ def podman_variant(
                     "FEDSEG_HEALTH_LISTEN": f"127.0.0.1:{health_port}",
                 })
             _private_empty_dirs(spec, doc["metadata"]["name"])
+            # Podman 4.3 removes an init container right after it exits and races with its own
+            # cleanup of it ("cannot remove container ... as it is running"), leaving the pod
+            # half started. So each init container runs as a Pod of its own, played and waited
+            # for before the rest: the same order Kubernetes keeps.
+            for init in spec.pop("initContainers", []):
+                out.append(_init_pod(doc, spec, init))
             doc["spec"]["template"]["spec"] = spec
-            # Podman 4.3 removes a run-once init container right after it exits and can race
-            # with its own cleanup of it ("cannot remove container ... as it is running"),
-            # leaving the pod half started; an "always" init container is kept, not removed.
-            annotations = doc["spec"]["template"]["metadata"].setdefault("annotations", {})
-            annotations[INIT_CONTAINER_TYPE] = "always"
             out.append(doc)
     for site, data in sites.items():
         out.append(_site_pod(site_template, site, data, workdir, grpc_port))
     # The revocation ConfigMap is the operator's (not in k8s/); here it is a hostPath folder.
     return out
+
+
+def _init_pod(deployment: Doc, spec: Doc, init: Doc) -> Doc:
+    """An init container of ``deployment`` as a run-once Pod with the volumes it mounts."""
+    init = copy.deepcopy(init)
+    mounted = {m["name"] for m in init.get("volumeMounts", [])}
+    volumes = [copy.deepcopy(v) for v in spec["volumes"] if v["name"] in mounted]
+    # Its own emptyDirs, not the main pod's (podman names their volumes by name alone).
+    for volume in volumes:
+        if "emptyDir" in volume:
+            for mount in init["volumeMounts"]:
+                if mount["name"] == volume["name"]:
+                    mount["name"] += "-init"
+            volume["name"] += "-init"
+    name = f"{deployment['metadata']['name']}-{init['name']}"
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {INIT_ROLE: "true"}},
+        "spec": {
+            "hostNetwork": True,
+            "restartPolicy": "Never",
+            "containers": [init],
+            "volumes": volumes,
+        },
+    }
+
+
+def split_init_pods(docs: list[Doc]) -> tuple[list[Doc], list[Doc]]:
+    """``docs`` as (what to play first and wait for, the rest); ConfigMaps go with both."""
+    config_maps = [d for d in docs if d["kind"] == "ConfigMap"]
+    first = [d for d in docs if d["metadata"].get("labels", {}).get(INIT_ROLE) == "true"]
+    rest = [d for d in docs if d not in first and d not in config_maps]
+    return config_maps + first if first else [], config_maps + rest
 
 
 def _site_pod(template: Doc, site: str, data: Path, workdir: Path, grpc_port: int) -> Doc:
@@ -245,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--health-port", type=int, required=True)
     p.add_argument("--site", action="append", required=True, metavar="NAME=DATA_DIR",
                    help="a site and its NIfTI folder (repeat for each site)")
+    p.add_argument("--init-out", type=Path, required=True,
+                   help="write the init containers' Pods here (play and wait for them first)")
     p.add_argument("--volumes-out", type=Path,
                    help="write the names of the podman volumes the play creates here, one a line")
     args = p.parse_args(argv)
@@ -261,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.volumes_out:
         args.volumes_out.write_text("".join(f"{name}\n" for name in volume_names(docs)))
     yaml.SafeDumper.add_representer(str, _literal_blocks)
-    yaml.safe_dump_all(docs, sys.stdout, sort_keys=False)
+    first, rest = split_init_pods(docs)
+    args.init_out.write_text(yaml.safe_dump_all(first, sort_keys=False))
+    yaml.safe_dump_all(rest, sys.stdout, sort_keys=False)
     return 0
 
 

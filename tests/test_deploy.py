@@ -1,0 +1,91 @@
+"""The deployment scripts' own behaviour (fast), and the whole deploy smoke test on request.
+
+CI runs ``scripts/deploy-smoke.sh`` itself after the unit tests (it builds the images, plays
+k8s/ with podman and runs one federation round: minutes, not a unit test). Here:
+
+* the smoke script skips cleanly, exit 0 with a printed reason, where it cannot run (not root);
+* the build script refuses what it does not know;
+* the podman variant's command line writes what the smoke script plays;
+* ``FEDSEG_DEPLOY_SMOKE=1 pytest tests/test_deploy.py`` also runs the smoke script end to end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
+
+
+def _as_unprivileged_user() -> list[str]:
+    """A command prefix that runs as ``nobody`` when we are root (the tests' usual CI case)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to drop root for this test")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def test_smoke_script_skips_with_a_reason_when_not_root() -> None:
+    result = subprocess.run(
+        [*_as_unprivileged_user(), "bash", str(SCRIPTS / "deploy-smoke.sh")],
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("SKIP: deploy smoke test: needs root")
+
+
+@pytest.mark.parametrize("argument", ["--online", "scheduler", "-x"])
+def test_build_script_refuses_an_unknown_argument(argument: str) -> None:
+    result = subprocess.run(["bash", str(SCRIPTS / "build-images.sh"), argument],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"unknown argument {argument}" in result.stderr
+
+
+def test_podman_variant_command_writes_the_init_pod_the_rest_and_the_volumes(tmp_path: Path) -> None:
+    yaml = pytest.importorskip("yaml")
+    init, volumes = tmp_path / "init.yaml", tmp_path / "volumes.txt"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "podman_variant.py"), "--workdir", str(tmp_path), "--grpc-port", "1",
+         "--metrics-port", "2", "--health-port", "3", "--site", f"site-1={tmp_path}", "--site", f"site-2={tmp_path}",
+         "--init-out", str(init), "--volumes-out", str(volumes)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    played = [(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(result.stdout)]
+    first = [(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(init.read_text())]
+    assert first == [("ConfigMap", "fedsegnet-federation"), ("Pod", "fedsegnet-aggregator-initial-model")]
+    assert played == [("ConfigMap", "fedsegnet-federation"), ("Deployment", "fedsegnet-aggregator"),
+                      ("Pod", "fedsegnet-site-1"), ("Pod", "fedsegnet-site-2")]
+    # One volume per emptyDir (named after its pod, so pods never share one) and per ConfigMap.
+    assert volumes.read_text().split() == [
+        "fedsegnet-aggregator-tmp", "fedsegnet-aggregator-tmp-init", "fedsegnet-federation",
+        "fedsegnet-site-1-tmp", "fedsegnet-site-2-tmp",
+    ]
+
+
+def test_podman_variant_refuses_a_site_without_its_folder(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "podman_variant.py"), "--workdir", str(tmp_path), "--grpc-port", "1",
+         "--metrics-port", "2", "--health-port", "3", "--site", "site-1", "--init-out", str(tmp_path / "i.yaml")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--site expects NAME=DATA_DIR, got 'site-1'" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FEDSEG_DEPLOY_SMOKE") != "1",
+                    reason="set FEDSEG_DEPLOY_SMOKE=1 (CI runs scripts/deploy-smoke.sh directly)")
+def test_deploy_smoke_end_to_end() -> None:
+    result = subprocess.run(["bash", str(SCRIPTS / "deploy-smoke.sh")], capture_output=True, text=True,
+                            timeout=1800, cwd=REPO)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert "PASS: deploy smoke test" in output or "SKIP: deploy smoke test" in output, output[-6000:]
