@@ -1,5 +1,6 @@
 # FedSegNet: `make demo` runs a whole federation on this machine; `make test` runs the test suite.
 # Both start with `make setup`, which is idempotent (it reinstalls only when pyproject.toml changes).
+# `make images`, `make images-offline` and `make deploy-smoke`: docker/Makefile.images.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -33,3 +34,5 @@ protos: setup
 
 clean:
 	rm -rf runs .pytest_cache
+
+include docker/Makefile.images

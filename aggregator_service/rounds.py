@@ -19,13 +19,16 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import zstandard
 
 import codec
+from aggregator_service import aggregation, strategies
 from aggregator_service.config import FederationConfig
 from aggregator_service.errors import (
     ConflictingSubmission,
@@ -38,7 +41,8 @@ from aggregator_service.errors import (
     check_site_name,
 )
 from aggregator_service.store import Store
-from aggregator_service import strategies
+from codec.frame import FrameHeader, unpack_frame
+from codec.stream import decode_part
 
 log = logging.getLogger(__name__)
 
@@ -531,52 +535,144 @@ def due_to_close(store: Store, config: FederationConfig, *, now: float) -> bool:
     return count >= config.max_clients or (now >= float(state["deadline"]) and count >= config.min_clients)
 
 
-class SiteTensor:
-    """One site's update of one tensor, as the decoded frames carried it (sparse stays sparse)."""
+class _SiteReader:
+    """One site's committed update, read tensor by tensor while its round closes.
 
-    def __init__(self, parts: list[codec.DecodedPart]) -> None:
-        self.parts = parts
+    Between tensors it holds only the open file (and its 8 KiB read buffer): frames are read, decoded
+    and added one at a time, and nothing decoded outlives its part. Closing a round with K sites
+    thus keeps K small buffers, not K decoded frames.
+    """
+
+    def __init__(self, site: str, path: Path, round_id: int) -> None:
+        self.site = site
+        self.round_id = round_id
+        self._fh = open(path, "rb")  # noqa: SIM115 - open across calls; closed by close()
+        self._frames = codec.read_frames(self._fh)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def _corrupt(self, message: str) -> StoreError:
+        # Uploads are fully checked when spooled: a mismatch here means the store was damaged.
+        return StoreError(f"round {self.round_id}: {self.site}'s stored update is damaged: {message}")
+
+    def headers(self, spec: TensorSpec) -> Iterator[tuple[FrameHeader, memoryview]]:
+        """This site's frames of tensor ``spec``, checked against it, as (header, stored payload).
+
+        Yields exactly the tensor's parts, in order; the payload view is valid until the next one.
+        """
+        part = 0
+        stop = 0
+        while True:
+            try:
+                frame = next(self._frames)
+                header, stored = unpack_frame(frame)
+            except StopIteration:
+                raise self._corrupt(f"it ends before tensor {spec.name!r}") from None
+            except codec.CodecError as exc:
+                raise self._corrupt(str(exc)) from None
+            if (header.name, header.shape, header.dtype.str) != (spec.name, spec.shape, spec.dtype):
+                raise self._corrupt(
+                    f"{header.name!r} {list(header.shape)} {header.dtype} where the model has "
+                    f"{spec.name!r} {list(spec.shape)} {np.dtype(spec.dtype)}"
+                )
+            if header.part != part or header.start != stop:
+                raise self._corrupt(f"{header.what} is out of order")
+            yield header, stored
+            del frame, stored
+            part, stop = part + 1, header.stop
+            if part == header.parts:
+                if stop != header.count:
+                    raise self._corrupt(f"{header.what} stops at {stop} of {header.count} positions")
+                return
+
+    def parts(self, spec: TensorSpec, decompressor: zstandard.ZstdDecompressor) -> Iterator[codec.DecodedPart]:
+        """This site's decoded parts of tensor ``spec``, one at a time (each valid until the next)."""
+        for header, stored in self.headers(spec):
+            try:
+                yield decode_part(header, stored, decompressor)
+            except codec.CodecError as exc:
+                raise self._corrupt(str(exc)) from None
+
+    def skip(self, spec: TensorSpec) -> None:
+        """Pass over this site's frames of tensor ``spec`` without decoding them."""
+        for _ in self.headers(spec):
+            pass
+
+
+class SiteTensor:
+    """One site's update of one tensor, decoded part by part when it is used (sparse stays sparse).
+
+    Use it once: :meth:`add_to` or :meth:`dense` reads the site's frames of the tensor; whatever
+    was not used is skipped by :meth:`finish`, so the next tensor starts at the right frame.
+    """
+
+    def __init__(self, reader: _SiteReader, spec: TensorSpec, decompressor: zstandard.ZstdDecompressor) -> None:
+        self._reader = reader
+        self._spec = spec
+        self._decompressor = decompressor
+        self._read = False
+
+    def _parts(self) -> Iterator[codec.DecodedPart]:
+        if self._read:
+            raise RuntimeError(f"{self._reader.site}'s update of {self._spec.name!r} was already read")
+        self._read = True
+        return self._reader.parts(self._spec, self._decompressor)
 
     def add_to(self, acc: np.ndarray, weight: float) -> None:
-        """``acc += weight * Δ`` touching only the sent positions."""
-        for part in self.parts:
-            part.add_to(acc, weight)
+        """``acc += weight * Δ`` touching only the sent positions (``acc``: the tensor's shape, float)."""
+        if not (acc.flags.c_contiguous and acc.flags.writeable) or acc.shape != self._spec.shape:
+            raise ValueError(
+                f"acc must be a writeable C-contiguous array of shape {self._spec.shape}, got {acc.shape}"
+            )
+        flat = acc.reshape(-1)
+        for part in self._parts():
+            aggregation.scatter_add(flat, part.values, weight, part.positions, part.header.start)
 
     def dense(self) -> np.ndarray:
-        header = self.parts[0].header
-        out = np.zeros(header.shape, dtype=header.dtype)
-        for part in self.parts:
+        """Δ as a dense array of the tensor's shape and dtype (zeros where nothing was sent)."""
+        out = np.zeros(self._spec.shape, dtype=self._spec.dtype)
+        for part in self._parts():
             part.write_to(out)
         return out
 
-
-def _site_tensors(frames: Iterable[bytes]) -> Iterator[tuple[str, SiteTensor]]:
-    """Group a site's decoded frames by tensor, in stream order."""
-    parts: list[codec.DecodedPart] = []
-    for part in codec.iter_parts(frames):
-        parts.append(part)
-        if part.header.part == part.header.parts - 1:
-            yield part.name, SiteTensor(parts)
-            parts = []
+    def finish(self) -> None:
+        if not self._read:
+            self._read = True
+            self._reader.skip(self._spec)
 
 
-def _next_deltas(
-    name: str, sites: Sequence[str], updates: Sequence[Iterator[tuple[str, SiteTensor]]], round_id: int
-) -> Iterator[SiteTensor]:
-    """Each site's update of tensor ``name``, one site at a time (the updates stream in lockstep)."""
-    for site, it in zip(sites, updates):
-        got_name, delta = next(it)
-        if got_name != name:  # checked at upload; a mismatch here means a corrupt store
-            raise StoreError(f"round {round_id}: {site}'s update has {got_name!r} where {name!r} belongs")
-        yield delta
+def _write_model(path: Path, tensors: Iterable[tuple[str, np.ndarray]]) -> tuple[list[TensorSpec], str]:
+    """Write a global model file atomically; return its tensors and the SHA-256 of its frames."""
+    specs: list[TensorSpec] = []
+    sha = hashlib.sha256()
+
+    def described() -> Iterator[tuple[str, np.ndarray]]:
+        for name, array in tensors:
+            specs.append(TensorSpec(name, tuple(array.shape), array.dtype.str))
+            yield name, array
+
+    def hashed(frames: Iterator[bytes]) -> Iterator[bytes]:
+        for frame in frames:
+            sha.update(frame)
+            yield frame
+
+    # codec.LOSSLESS, not a faster spec: sites (and delta downloads) re-encode a model with it and
+    # must get the same bytes, hence the same digest.
+    with codec.atomic_writer(path) as fh:
+        codec.write_frames(fh, hashed(codec.encode_tensors(described(), codec.LOSSLESS)))
+    return specs, sha.hexdigest()
 
 
 def close_round(store: Store, config: FederationConfig, *, now: float, clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
     """Aggregate the open round's submissions into the next global model and open the next round.
 
     Deterministic in what the store holds: sites are taken in name order, every tensor is
-    accumulated in float64 in that order, and the model is written losslessly. Peak memory is a few
-    copies of the largest tensor (times the number of sites for median and trimmed mean only).
+    accumulated in that order (see ``strategies.RoundAggregator.apply``), and the model is written
+    losslessly. Tensor by tensor, every site's frames of the tensor are read, decoded and added
+    one frame at a time, so memory is a few copies of the largest tensor plus one small read
+    buffer per site (times the number of sites for median and trimmed mean only, which need every
+    site's dense values of a tensor at once).
     """
     started = clock()
     state = read_state(store)
@@ -587,35 +683,36 @@ def close_round(store: Store, config: FederationConfig, *, now: float, clock: Ca
     records = [store.read_submission(round_id, s) for s in sites]
     strategy = strategies.build(config.strategy, config.strategy_options)
     weights, factors = strategy.weights(records)
-
+    state_in = strategy.load_state(store, round_id)
     src = store.model_path(round_id)
     dst = store.model_path(round_id + 1)
-    handles = [open(store.submission_paths(round_id, s)[0], "rb") for s in sites]
-    specs: list[TensorSpec] = []
-    try:
-        updates = [_site_tensors(codec.read_frames(fh)) for fh in handles]
-        state_in = strategy.load_state(store, round_id)
 
-        def new_tensors() -> Iterator[tuple[str, np.ndarray]]:
+    def new_tensors() -> Generator[tuple[str, np.ndarray], None, None]:
+        readers: list[_SiteReader] = []
+        # One decompressor for every site: frames are decoded one at a time.
+        decompressor = zstandard.ZstdDecompressor()
+        try:
+            for site in sites:
+                readers.append(_SiteReader(site, store.submission_paths(round_id, site)[0], round_id))
             for name, theta in codec.decode_frames(iter_model_frames(src)):
-                new = strategy.apply(name, theta, _next_deltas(name, sites, updates, round_id), weights, state_in)
-                specs.append(TensorSpec(name, tuple(new.shape), new.dtype.str))
+                spec = TensorSpec(name, tuple(theta.shape), theta.dtype.str)
+                deltas = [SiteTensor(reader, spec, decompressor) for reader in readers]
+                new = strategy.apply(name, theta, iter(deltas), weights, state_in)
+                for delta in deltas:  # what the strategy did not read (zero weights, integer tensors)
+                    delta.finish()
+                del deltas, theta
                 yield name, new
+                del new
+        finally:
+            for reader in readers:
+                reader.close()
 
-        sha = hashlib.sha256()
-
-        def hashed(frames: Iterator[bytes]) -> Iterator[bytes]:
-            for frame in frames:
-                sha.update(frame)
-                yield frame
-
-        with codec.atomic_writer(dst) as fh:
-            codec.write_frames(fh, hashed(codec.encode_tensors(new_tensors(), codec.LOSSLESS)))
-        strategy.save_state(store, round_id + 1, state_in)
+    tensors = new_tensors()
+    try:
+        specs, digest = _write_model(dst, tensors)
     finally:
-        for fh in handles:
-            fh.close()
-    digest = sha.hexdigest()
+        tensors.close()  # closes the sites' files now, also when writing failed
+    strategy.save_state(store, round_id + 1, state_in)
     _write_manifest(store, round_id + 1, specs, digest)
     result = {
         "round_id": round_id,

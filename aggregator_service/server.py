@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from aggregator_service import rounds
+from aggregator_service import downloads, rounds
 from aggregator_service.config import ConfigError, FederationConfig, load_federation_config
 from aggregator_service.errors import AggregatorError, StoreError
 from aggregator_service.metrics import Histogram, render, serve_metrics
@@ -104,10 +104,19 @@ class Aggregator:
         with self._lock:
             return rounds.round_metrics(self.store, self.config, round_id)
 
-    def download(self, round_id: int, site: str) -> tuple[int, Iterator[bytes], str]:
+    def download(
+        self, round_id: int, site: str, *, have_round: int = 0, have_digest: str = ""
+    ) -> tuple[downloads.ModelDownload, Iterator[bytes]]:
+        """The model of ``round_id`` (0: the current one) as frames: a lossless delta from the
+        round the site holds where that is smaller (see ``downloads.choose_download``), else the
+        full model. Frames are counted in bytes out as they are sent."""
         with self._lock:
             resolved, path, digest = rounds.model_for_download(self.store, round_id)
-        return resolved, self._counted(rounds.iter_model_frames(path)), digest
+        # Outside the lock: building a delta the first time reads two models.
+        download = downloads.choose_download(
+            self.store, resolved, path, digest, have_round=have_round, have_digest=have_digest
+        )
+        return download, self._counted(downloads.iter_frames(download.path))
 
     def _counted(self, frames: Iterator[bytes]) -> Iterator[bytes]:
         sent = 0
@@ -185,19 +194,59 @@ class Aggregator:
 
 @dataclass
 class RunningServer:
-    """A started server: its port, the aggregator, and how to stop both."""
+    """A started server: its port, the aggregator, and how to stop both.
+
+    ``health_server``/``health_port`` are the plaintext health-only server of ``health_listen``
+    (None when there is none); it shares ``health`` with the main server.
+    """
 
     server: grpc.Server
     aggregator: Aggregator
     port: int
     closer: threading.Thread
     health: health.HealthServicer
+    health_server: grpc.Server | None = None
+    health_port: int | None = None
 
     def stop(self, grace: float | None = 1.0) -> None:
+        # NOT_SERVING first, on both ports (one servicer): probes and watchers see the shutdown
+        # while in-flight calls finish within ``grace``.
         self.health.enter_graceful_shutdown()
         self.aggregator.stop()
-        self.server.stop(grace).wait()
+        stopping = [self.server.stop(grace)]
+        if self.health_server is not None:
+            stopping.append(self.health_server.stop(grace))
+        for event in stopping:
+            event.wait()
         self.closer.join(timeout=5)
+
+
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Bind ``address`` (plaintext without ``credentials``); the bound port, or OSError naming it."""
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio raises for an address in use or one that does not resolve
+        raise OSError(f"could not bind {address}: {exc}") from exc
+    if port == 0:  # older grpcio reports a failed bind this way
+        raise OSError(f"could not bind {address}")
+    return port
+
+
+def _health_only_server(servicer: health.HealthServicer, address: str) -> tuple[grpc.Server, int]:
+    """A plaintext server on ``address`` with ``grpc.health.v1.Health`` and nothing else.
+
+    For the kubelet's native ``grpc:`` probes, which cannot present a client certificate and so
+    cannot pass the main port's mutual TLS. Health says only SERVING or NOT_SERVING, so serving
+    it in the clear gives away nothing a site could not learn; no reflection, no aggregator RPC.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc-health"),
+        # As for the main server: a port in use (the main port included) fails to bind instead
+        # of silently sharing its connections.
+        options=[("grpc.so_reuseport", 0)],
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return server, _bind(server, address)
 
 
 def serve(
@@ -207,12 +256,18 @@ def serve(
     max_workers: int = 16,
     credentials: grpc.ServerCredentials | None = None,
     gate: Gate | None = None,
+    health_listen: str | None = None,
 ) -> RunningServer:
     """Start the gRPC server (aggregator, health, reflection) and the closer thread.
 
     ``credentials=None`` serves plaintext (tests, ``--insecure``); the command line refuses that
     unless asked explicitly. ``gate`` decides who may call (default: with ``credentials``, a
     client certificate is required and its CN is the caller's site; without, sites are trusted).
+    ``health_listen`` (an address, port 0 picks one) also serves the same health service, and
+    only it, in plaintext there (see :func:`_health_only_server`).
+
+    Raises:
+        OSError: an address cannot be bound; nothing is left running.
     """
     if gate is None:
         gate = Gate(require_identity=credentials is not None)
@@ -224,6 +279,9 @@ def serve(
             # BDP probing grows each stream's receive window towards the link's bandwidth-delay
             # product: on loopback that lets waiting uploads park megabytes in the server.
             ("grpc.http2.bdp_probe", 0),
+            # gRPC binds with SO_REUSEPORT by default: a second aggregator started on the same
+            # port would silently take half the connections. Refuse to bind instead.
+            ("grpc.so_reuseport", 0),
         ],
     )
     add_to_server(AggregatorServicer(aggregator, gate), server)
@@ -233,15 +291,28 @@ def serve(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
-    if port == 0:
-        raise OSError(f"could not bind {listen}")
+    # Both addresses are bound before either server starts, the health one first: grpcio frees
+    # a bound port only by starting and stopping its server, which for the health-only server
+    # exposes nothing if the main address then fails.
+    health_server, health_port = None, None
+    if health_listen is not None:
+        health_server, health_port = _health_only_server(health_servicer, health_listen)
+    try:
+        port = _bind(server, listen, credentials)
+    except OSError:
+        if health_server is not None:
+            health_servicer.enter_graceful_shutdown()  # NOT_SERVING for the instant it runs
+            health_server.start()
+            health_server.stop(None).wait()
+        raise
     server.start()
+    if health_server is not None:
+        health_server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     closer = threading.Thread(target=aggregator.run_closer, name="round-closer", daemon=True)
     closer.start()
-    return RunningServer(server, aggregator, port, closer, health_servicer)
+    return RunningServer(server, aggregator, port, closer, health_servicer, health_server, health_port)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -258,6 +329,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-listen", default=env("FEDSEG_METRICS_LISTEN", DEFAULT_METRICS_LISTEN),
                    help="Prometheus /metrics address; 'off' disables it "
                    f"[env FEDSEG_METRICS_LISTEN, default {DEFAULT_METRICS_LISTEN}]")
+    p.add_argument("--health-listen", default=env("FEDSEG_HEALTH_LISTEN", "off"),
+                   help="also serve the gRPC health service (only it) in PLAINTEXT here, for probes that "
+                   "cannot pass mutual TLS, such as the kubelet's; 'off' disables it "
+                   "[env FEDSEG_HEALTH_LISTEN, default off]")
     p.add_argument("--initial-model", default=env("FEDSEG_INITIAL_MODEL"),
                    help="model file round 1 starts from, for a new store (fedseg init-model) [env FEDSEG_INITIAL_MODEL]")
     p.add_argument("--port-file", help="write the bound port to this file once serving (for port 0)")
@@ -333,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         aggregator = Aggregator(
             Store(args.store), config, initial_model=Path(args.initial_model) if args.initial_model else None
         )
-        running = serve(aggregator, args.listen, credentials=credentials, gate=gate)
+        running = serve(aggregator, args.listen, credentials=credentials, gate=gate,
+                        health_listen=None if args.health_listen == "off" else args.health_listen)
+        if running.health_port is not None:
+            log.info("gRPC health service (plaintext, health only) on port %d", running.health_port)
         metrics_server = None
         if args.metrics_listen != "off":
             metrics_server = serve_metrics(args.metrics_listen, aggregator.prometheus_text)

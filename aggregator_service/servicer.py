@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -23,7 +24,7 @@ from google.protobuf.message import DecodeError, Message
 
 from aggregator_service import wire
 from aggregator_service.errors import AggregatorError, InvalidUpdate
-from aggregator_service.security import RETRYABLE_METADATA, Gate, MalformedMessage
+from aggregator_service.security import RETRYABLE_METADATA, BrokenStream, Gate, MalformedMessage
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc
 
@@ -74,6 +75,22 @@ def _statuses(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _peer_gone(context: grpc.ServicerContext, wait_s: float = 1.0) -> bool:
+    """Whether the call was cancelled (the client died or the connection dropped).
+
+    A killed client's stream can look like a normal end to the request iterator: gRPC reports the
+    end of the messages and the cancellation separately, in either order. So an upload that ends
+    without its commit waits a moment for the cancellation before it is counted as a client's
+    mistake (``incomplete_stream``) rather than a broken stream.
+    """
+    deadline = time.monotonic() + wait_s
+    while context.is_active():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
     def __init__(self, aggregator: Any, gate: Gate | None = None) -> None:
         self.aggregator = aggregator
@@ -108,9 +125,14 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             site = self.gate.authorize(context, _parsed(request).site)
             # Anonymous operator downloads (insecure mode) share one slot pool.
             with self.gate.stream(site or "_anonymous"):
-                round_id, frames, digest = self.aggregator.download(request.round_id, site)
+                download, frames = self.aggregator.download(
+                    request.round_id, site, have_round=request.have_round, have_digest=request.have_digest
+                )
                 for index, frame in enumerate(frames):
-                    yield pb.DownloadModelResponse(round_id=round_id, index=index, frame=frame, model_digest=digest)
+                    yield pb.DownloadModelResponse(
+                        round_id=download.round_id, index=index, frame=frame,
+                        model_digest=download.model_digest, delta_from_round=download.delta_from_round,
+                    )
         except AggregatorError as exc:
             self._refuse("DownloadModel", exc, context)
 
@@ -129,6 +151,10 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             site = self.gate.authorize(context, first.header.site)
             with self.gate.stream(site):
                 receipt = self.aggregator.submit(wire.header_from_proto(first.header), wire.upload_parts(requests))
+        except InvalidUpdate as exc:
+            if exc.reason == "incomplete_stream" and _peer_gone(context):
+                raise BrokenStream(f"the upload stream broke before its commit message ({exc})") from exc
+            raise
         finally:
             bounded.close()  # stops the reader thread now, not whenever the generator is collected
         return pb.SubmitUpdateResponse(

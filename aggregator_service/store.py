@@ -12,6 +12,9 @@ Layout::
     counters.json                    bytes in/out, submissions, rejections by reason
     models/round-0001.frames         the global model round 1 trains from (codec frames, lossless)
     models/round-0002.frames         ... written when round 1 closes
+    models/round-0003.from-0002.delta       a lossless delta from round 2's model to round 3's,
+    models/round-0003.from-0002.delta.json  made on the first download that asks for it; its
+                                     record is written last (a cache: rebuilt when missing or damaged)
     rounds/0001/<site>.frames        a site's committed update for round 1 (as received)
     rounds/0001/<site>.json          its header, digest and checks; written last: the commit marker
     rounds/0001/_result.json         weights, factors and the new model's digest, written at close

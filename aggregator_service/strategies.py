@@ -5,15 +5,22 @@ hand-computed arrays); this module only sequences them: per-site weights from th
 records, then for each tensor ``θ_new = f(θ, Δ_1..Δ_K)`` with the deltas streamed one site at a
 time. Server state (FedAdam's moments) is kept in the store, never in the process.
 
-Memory per tensor: weighted strategies (fedavg, mean, aam, fedadam) hold one float64 accumulator;
-median and trimmed_mean hold all K sites' values of that tensor; fedadam additionally keeps its
-moments for the whole model (2 × the model) while the round closes.
+Memory per tensor: weighted strategies (fedavg, mean, aam) add into the tensor itself, fedadam into
+one float64 accumulator; median and trimmed_mean hold all K sites' values of that tensor; fedadam
+additionally keeps its moments for the whole model (2 × the model) while the round closes.
+
+Precision: a weighted round computes ``θ ← θ + w_k Δ_k`` site after site in θ's own dtype
+(float32 for float32 models), in site-name order, so it is deterministic; each sent position is
+rounded once per site that sent it (a relative error of about 6e-8 of |θ| per site), far below
+what an int8- or top-k-coded update carries. ``aggregation.weighted_sum`` (float64) is the
+reference it is tested against.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -74,21 +81,27 @@ class RoundAggregator:
     def apply(
         self, name: str, theta: np.ndarray, deltas: Iterator[SiteDelta], weights: np.ndarray, state: Any
     ) -> np.ndarray:
-        """The tensor's new value. Consumes ``deltas`` completely (they stream in lockstep).
+        """The tensor's new value; ``theta`` may be updated in place and returned.
 
-        Weighted strategies add each site's sent values straight into one float64 accumulator
-        (a top-1% update costs 1% of a dense add); median and trimmed mean densify every site's
-        delta of this tensor.
+        ``deltas`` yields the sites' updates of this tensor in the weights' order; the caller skips
+        whatever is not read (integer tensors, zero-weighted sites).
+
+        Weighted strategies add each site's sent values, one site after the other, straight into
+        ``theta`` when it is float32 or float64 (so no dense copy of the tensor is made; float16
+        goes through a float32 accumulator): ``θ ← θ + w_k Δ_k`` touches only the sent positions,
+        so a top-1% update costs 1% of a dense add. FedAdam sums ``Σ w_k Δ_k`` in float64 for its
+        moments. Median and trimmed mean densify every site's delta of this tensor.
         """
         if theta.dtype.kind != "f":
             # Integer buffers (e.g. step counters) are not averaged: keep the global value.
-            for _ in deltas:
-                pass
             return theta
         if not self.config.is_weighted:
             combined = aggregation.combine_tensor(self.config, [d.dense() for d in deltas])
             return aggregation.cast_to_dtype(theta + combined, theta.dtype)
-        acc = np.zeros(theta.shape, dtype=np.float64) if self.config.name == "fedadam" else theta.astype(np.float64)
+        if self.config.name == "fedadam":
+            acc = np.zeros(theta.shape, dtype=np.float64)
+        else:
+            acc = _accumulator(theta)
         for weight, delta in zip(weights, deltas, strict=True):
             if weight > 0:  # never multiply a zero-weighted site in: 0 * NaN is NaN
                 delta.add_to(acc, float(weight))
@@ -106,6 +119,15 @@ class RoundAggregator:
     def save_state(self, store: Any, round_id: int, state: Any) -> None:
         if self.config.name == "fedadam" and state is not None:
             codec.save_tensors(_fedadam_path(store, round_id), sorted(state.items()), codec.LOSSLESS)
+
+
+def _accumulator(theta: np.ndarray) -> np.ndarray:
+    """Where a weighted round adds the sites' updates of ``theta``: ``theta`` itself when it is a
+    writeable, C-contiguous float32/float64 array, else a copy in at least float32."""
+    dtype = np.result_type(theta.dtype, np.float32)
+    if dtype == theta.dtype and theta.flags.writeable and theta.flags.c_contiguous:
+        return theta
+    return np.array(theta, dtype=dtype, order="C")
 
 
 def _fedadam_path(store: Any, round_id: int) -> Any:

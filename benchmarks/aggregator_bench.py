@@ -34,7 +34,10 @@ Usage::
 
 With ``--json`` the last line is one JSON object holding ``peak_rss_over_model_50``,
 ``peak_rss_net_over_model_50`` (peak minus the idle RSS, over the model), ``rss_growth_5_to_50``,
-``close_vs_numpy_50``, ``interpreter_overhead_mb`` and the per-site-count rows.
+``close_vs_numpy_50``, ``interpreter_overhead_mb`` and the per-site-count rows. It also holds
+``close_cpu_vs_numpy_cpu_50``: the aggregator's CPU seconds (``/proc/PID/stat``, all threads) from
+the last upload response until round 2 opened, over the CPU seconds of the numpy adds. It is not a
+target; on a shared machine it moves far less with the load than the wall-time ratio does.
 Targets (issue #4): peak_rss_net_over_model_50 <= 3, rss_growth_5_to_50 <= 1.2, close_vs_numpy_50 <= 1.
 """
 
@@ -121,15 +124,25 @@ class SiteCountResult:
     peak_reset: bool
     sampled_peaks: dict[str, int]
     load_average: float
+    close_cpu_seconds: float
     weights: dict[str, float] = field(repr=False)
     numpy_sum_seconds: float = float("nan")
+    numpy_cpu_seconds: float = float("nan")
 
     def ratios(self, dense_bytes: int) -> dict[str, float]:
         return {
             "peak_rss_over_model": self.peak_rss / dense_bytes,
             "peak_rss_net_over_model": (self.peak_rss - self.idle_rss) / dense_bytes,
             "close_vs_numpy": self.close_seconds / self.numpy_sum_seconds,
+            "close_cpu_vs_numpy_cpu": self.close_cpu_seconds / self.numpy_cpu_seconds,
         }
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (``/proc/PID/stat`` fields 14 and 15), all of
+    its threads together. Unlike wall time it hardly moves with the machine's load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -216,10 +229,12 @@ def run_site_count(
             upload_start = time.monotonic()
             spans = _upload_all(server.target, sites, inputs, spec, workers=workers, timeout_s=timeout_s, seed=seed)
             last_response = max(end for _, end in spans)
+            cpu_at_last_response = process_cpu_seconds(server.pid)
             sampler.phase("close")
             with grpc.insecure_channel(server.target) as channel:
                 wait_for_rounds_completed(pb_grpc.AggregatorServiceStub(channel), 1, timeout_s=timeout_s)
             round_seen = time.monotonic()
+            close_cpu = process_cpu_seconds(server.pid) - cpu_at_last_response
             load_at_close = load_average()
         after = server.memory()
         if server.stop() not in (0, None):
@@ -247,6 +262,7 @@ def run_site_count(
         peak_reset=reset,
         sampled_peaks=dict(sampler.peaks),
         load_average=load_at_close,
+        close_cpu_seconds=close_cpu,
         weights={s: float(v["weight"]) for s, v in result["sites"].items()},
     )
     return row, store
@@ -268,10 +284,10 @@ def _decode_dense(path: Path, out: np.ndarray) -> None:
 
 def numpy_weighted_sum(
     inputs: Inputs, weights: Mapping[str, float]
-) -> tuple[list[float], float, np.ndarray]:
+) -> tuple[list[float], list[float], float, np.ndarray]:
     """Time ``acc += w_k Δ_k`` over dense float32 vectors, site by site in name order.
 
-    Returns per-site add seconds, the (untimed) decode seconds in total, and ``acc``.
+    Returns per-site add seconds (wall and CPU), the (untimed) decode seconds in total, and ``acc``.
     """
     acc = np.zeros(inputs.params, dtype=np.float32)
     dense = np.empty(inputs.params, dtype=np.float32)
@@ -280,17 +296,20 @@ def numpy_weighted_sum(
     dense.fill(0.0)
     tmp.fill(0.0)
     seconds: list[float] = []
+    cpu_seconds: list[float] = []
     decode_seconds = 0.0
     for site in sorted(weights):
         started = time.perf_counter()
         _decode_dense(inputs.updates[site].path, dense)
         decode_seconds += time.perf_counter() - started
         w = np.float32(weights[site])
+        cpu_started = time.process_time()
         started = time.perf_counter()
         np.multiply(dense, w, out=tmp)
         np.add(acc, tmp, out=acc)
         seconds.append(time.perf_counter() - started)
-    return seconds, decode_seconds, acc
+        cpu_seconds.append(time.process_time() - cpu_started)
+    return seconds, cpu_seconds, decode_seconds, acc
 
 
 def check_new_model(store: Path, acc: np.ndarray) -> tuple[float, float]:
@@ -332,7 +351,7 @@ def model_io_seconds(model: Path, out: Path) -> float:
 def format_table(rows: Sequence[SiteCountResult], dense_bytes: int) -> str:
     header = (
         f"{'sites':>5} {'upload s':>9} {'close s':>8} {'commit→res s':>12} {'wall→r2 s':>10} "
-        f"{'numpy Σ s':>9} {'close/np':>8} {'idle MB':>8} {'peak MB':>8} {'peak/model':>10} "
+        f"{'numpy Σ s':>9} {'close/np':>8} {'cpu/np cpu':>10} {'idle MB':>8} {'peak MB':>8} {'peak/model':>10} "
         f"{'net/model':>9} {'upl MB*':>8} {'close MB*':>9} {'load':>5}"
     )
     lines = [header]
@@ -341,12 +360,14 @@ def format_table(rows: Sequence[SiteCountResult], dense_bytes: int) -> str:
         lines.append(
             f"{r.sites:>5} {r.upload_seconds:>9.2f} {r.close_seconds:>8.2f} {r.commit_to_result_s:>12.2f} "
             f"{r.wall_to_next_round_s:>10.2f} {r.numpy_sum_seconds:>9.2f} {ratio['close_vs_numpy']:>8.2f} "
+            f"{ratio['close_cpu_vs_numpy_cpu']:>10.2f} "
             f"{r.idle_rss / MB:>8.0f} {r.peak_rss / MB:>8.0f} {ratio['peak_rss_over_model']:>10.2f} "
             f"{ratio['peak_rss_net_over_model']:>9.2f} {r.sampled_peaks.get('upload', 0) / MB:>8.0f} "
             f"{r.sampled_peaks.get('close', 0) / MB:>9.0f} {r.load_average:>5.1f}"
         )
     lines.append("* sampled VmRSS maxima (20 ms) during the uploads / from the last response to round 2; "
-                 "load: 1-minute load average when the round had closed")
+                 "load: 1-minute load average when the round had closed; cpu/np cpu: the aggregator's CPU "
+                 "seconds (all threads) from the last upload response to round 2 over numpy's CPU seconds")
     return "\n".join(lines)
 
 
@@ -394,10 +415,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         log.info("numpy baseline over %d dense updates", counts[-1])
         top = rows[-1]
-        add_seconds, decode_seconds, acc = numpy_weighted_sum(inputs, top.weights)
+        add_seconds, add_cpu_seconds, decode_seconds, acc = numpy_weighted_sum(inputs, top.weights)
         load_at_numpy = load_average()
         for row in rows:
             row.numpy_sum_seconds = float(sum(add_seconds[: row.sites]))
+            row.numpy_cpu_seconds = float(sum(add_cpu_seconds[: row.sites]))
         max_error, acc_scale = check_new_model(stores[counts[-1]], acc)
         del acc
         io_seconds = model_io_seconds(inputs.model, workdir / "model-io.frames")
@@ -432,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"peak_rss_net_over_model_{last.sites}": ratios["peak_rss_net_over_model"],
         f"rss_growth_{first.sites}_to_{last.sites}": last.peak_rss / first.peak_rss,
         f"close_vs_numpy_{last.sites}": ratios["close_vs_numpy"],
+        f"close_cpu_vs_numpy_cpu_{last.sites}": ratios["close_cpu_vs_numpy_cpu"],
         "model_io_seconds": io_seconds,
         "close_minus_model_io_vs_numpy" + suffix: (last.close_seconds - io_seconds) / last.numpy_sum_seconds,
         "close_marginal_ms_per_site": marginal_ms,

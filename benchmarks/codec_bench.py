@@ -61,6 +61,10 @@ CONFIGS: tuple[Config, ...] = (
     Config("top10_int8", "top-10% int8 + zstd-3", CodecSpec(top_k_fraction=0.1, quantization="int8")),
     Config("top1_int8", "top-1% int8 + zstd-3", CodecSpec(top_k_fraction=0.01, quantization="int8")),
     Config("top1_int4", "top-1% int4 + zstd-3", CodecSpec(top_k_fraction=0.01, quantization="int4")),
+    Config("top2_int8", "top-2% int8 + zstd-3", CodecSpec(top_k_fraction=0.02, quantization="int8")),
+    Config("top2_int4", "top-2% int4 + zstd-3", CodecSpec(top_k_fraction=0.02, quantization="int4")),
+    Config("top5_int8", "top-5% int8 + zstd-3", CodecSpec(top_k_fraction=0.05, quantization="int8")),
+    Config("top5_int4", "top-5% int4 + zstd-3", CodecSpec(top_k_fraction=0.05, quantization="int4")),
     Config(
         "top1_int8_global",
         "top-1% (global) int8 + zstd-3",

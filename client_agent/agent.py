@@ -12,6 +12,11 @@ A restarted agent therefore
   the update is dropped and the previous residual stays;
 * never trains or submits a round twice, and keeps its error-feedback residual intact.
 
+Each download names the newest global model the site holds (:meth:`SiteAgent.held_model`), so the
+aggregator may send a lossless delta from it instead of the whole model; the rebuilt model is
+checked against the full model's digest before it is trained from, and any failure falls back to
+the full download (``client_agent.transport``).
+
 Bad data is refused before the aggregator is contacted (:func:`check_data`), and again after
 ``Join`` against the federation's model (:meth:`SiteAgent.check_federation`).
 """
@@ -46,7 +51,7 @@ from client_agent.privacy import clip_and_noise
 from client_agent.reporting import Reporter
 from client_agent.state import SiteState
 from client_agent.training import TrainingError, evaluate, pick_device, seed_everything, train_local
-from client_agent.transport import AggregatorClient, Refused
+from client_agent.transport import AggregatorClient, HeldModel, Refused
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 
 log = logging.getLogger("client_agent")
@@ -386,6 +391,25 @@ class SiteAgent:
         outcome.bytes_up = receipt.bytes_received
         return outcome
 
+    def held_model(self, round_id: int) -> HeldModel | None:
+        """The newest global model this site holds from before ``round_id``: the base of a delta.
+
+        Its digest is computed from the file, so a model damaged on disk names itself: the
+        aggregator, which knows the round's true digest, then sends the full model. An unreadable
+        file is no base at all.
+        """
+        latest = self.state.latest_global(round_id)
+        if latest is None:
+            return None
+        held_round, path = latest
+        try:
+            digest = self.state.frames_digest("global", held_round)
+        except (OSError, codec.CodecError) as exc:
+            log.warning("round %d's global model in %s is unreadable (%s); downloading in full",
+                        held_round, self.settings.state_dir, exc)
+            return None
+        return HeldModel(held_round, path, digest)
+
     def prepare_update(self, round_: pb.Round) -> dict[str, Any]:
         """Download, train, validate, encode; returns the pending record (already on disk).
 
@@ -395,7 +419,8 @@ class SiteAgent:
         """
         r, config = round_.round_id, round_.config
         data = self.check_federation(config)
-        downloaded = self.client.download(r, self.settings.site, self.state.path("global", r))
+        downloaded = self.client.download(r, self.settings.site, self.state.path("global", r), base=self.held_model(r))
+        self.reporter.event("download", round=r, bytes=downloaded.nbytes, delta_from=downloaded.delta_from_round)
         if downloaded.round_id != r:
             raise RuntimeError(f"asked for round {r}'s model, the aggregator sent round {downloaded.round_id}'s")
         if round_.global_model_digest and downloaded.digest != round_.global_model_digest:

@@ -3,7 +3,9 @@
 Layout::
 
     agent.json                      site, federation, rounds submitted/refused, current residual file
-    global-0003.frames              the global model round 3 trained from (as downloaded)
+    global-0003.frames              the global model round 3 trained from, byte-exact as the aggregator
+                                    stores it (downloaded, or rebuilt from a delta and verified); the
+                                    newest one is the base the next download may be a delta from
     local-0003.frames               the site's model after local training in round 3
     pending-0003.frames / .json     the encoded update for round 3 and its header, written before
                                     the upload starts, so a restart resends the same bytes
@@ -64,6 +66,19 @@ class SiteState:
         with atomic_writer(path) as fh:
             codec.write_frames(cast(BinaryIO, fh), frames)
         return path
+
+    def latest_global(self, before: int) -> tuple[int, Path] | None:
+        """The newest global model file of a round before ``before`` as (round, path), or None.
+
+        Only files that were verified reach this name (downloads are written to a temporary file
+        and renamed after their digest checked), so it is the base a delta download starts from.
+        """
+        best: tuple[int, Path] | None = None
+        for path in self.root.glob("global-*.frames"):
+            number = path.stem.rpartition("-")[2]
+            if number.isdigit() and int(number) < before and (best is None or int(number) > best[0]):
+                best = (int(number), path)
+        return best
 
     def read_tensors(self, kind: str, round_id: int) -> dict[str, np.ndarray]:
         return codec.load_tensors(self.path(kind, round_id))

@@ -14,10 +14,11 @@ commit of the same (site, round, digest) as a duplicate of the first.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -64,10 +65,34 @@ class Backoff:
 
 @dataclass(frozen=True)
 class Downloaded:
+    """A global model on disk, verified against the digest the aggregator sent.
+
+    ``nbytes`` counts the frame bytes received for it (a failed delta included);
+    ``delta_from_round`` is the round the model was rebuilt from (0: downloaded in full).
+    """
+
     round_id: int
     path: Path
     digest: str
     nbytes: int
+    delta_from_round: int = 0
+
+
+@dataclass(frozen=True)
+class HeldModel:
+    """A global model the site holds byte-exact: the base a download may be a delta from."""
+
+    round_id: int
+    path: Path
+    digest: str
+
+
+class DeltaFailed(Exception):
+    """A delta download arrived but could not be turned into the verified model."""
+
+    def __init__(self, message: str, nbytes: int) -> None:
+        super().__init__(message)
+        self.nbytes = nbytes
 
 
 class AggregatorClient:
@@ -154,47 +179,53 @@ class AggregatorClient:
             lambda: self.stub.GetRoundMetrics(pb.GetRoundMetricsRequest(round_id=round_id), timeout=self.rpc_timeout_s),
         )
 
-    def download(self, round_id: int, site: str, dest: Path) -> Downloaded:
+    def download(self, round_id: int, site: str, dest: Path, *, base: HeldModel | None = None) -> Downloaded:
         """Stream a round's global model to ``dest`` (atomically) and check its digest.
 
-        A digest mismatch is retried like a dropped connection, but only ``MAX_DIGEST_FAILURES``
-        times: a mismatch that persists is a broken aggregator, not a flaky link.
+        With ``base`` (a model the site holds), the aggregator may answer with a lossless delta
+        from it: the model is rebuilt from ``base`` and the delta, re-encoded losslessly and
+        checked against the full model's digest. A delta that fails (wrong base, corrupt, digest
+        mismatch) is logged and the model downloaded in full: nothing unverified is kept.
+
+        A digest mismatch of a full download is retried like a dropped connection, but only
+        ``MAX_DIGEST_FAILURES`` times: a mismatch that persists is a broken aggregator, not a
+        flaky link.
         """
-        mismatches = 0
+        spent = 0
+        mismatches = [0]  # full downloads that arrived corrupted, over all attempts
+        if base is not None:
+            if base.round_id < 1 or (round_id and base.round_id >= round_id):
+                raise ValueError(f"a base model must be of an earlier round than {round_id}, got round {base.round_id}")
+            try:
+                return self._call("download", lambda: self._attempt(round_id, site, dest, base, mismatches))
+            except DeltaFailed as exc:
+                log.warning("round %d: delta from round %d unusable (%s); downloading the full model",
+                            round_id, base.round_id, exc)
+                spent = exc.nbytes
+        full = self._call("download", lambda: self._attempt(round_id, site, dest, None, mismatches))
+        return replace(full, nbytes=full.nbytes + spent)
 
-        def attempt() -> Downloaded:
-            nonlocal mismatches
-            sha = hashlib.sha256()
-            nbytes = 0
-            digest = ""
-            got_round = round_id
-            tmp = dest.with_suffix(".download")
-            with open(tmp, "wb") as fh:
-                frames = self.stub.DownloadModel(
-                    pb.DownloadModelRequest(round_id=round_id, site=site), timeout=self.rpc_timeout_s
-                )
-
-                def payloads() -> Iterator[bytes]:
-                    nonlocal nbytes, digest, got_round
-                    for chunk in frames:
-                        sha.update(chunk.frame)
-                        nbytes += len(chunk.frame)
-                        digest, got_round = chunk.model_digest, chunk.round_id
-                        yield chunk.frame
-
-                codec.write_frames(fh, payloads())
-            if digest and sha.hexdigest() != digest:
-                tmp.unlink(missing_ok=True)
-                mismatches += 1
-                if mismatches >= MAX_DIGEST_FAILURES:
-                    raise Refused(grpc.StatusCode.DATA_LOSS, f"model of round {got_round} arrived corrupted "
-                                  f"{mismatches} times (digest {sha.hexdigest()[:16]}… != {digest[:16]}…)")
-                # A corrupted transfer is worth another try, like a dropped connection.
-                raise _TransientError(f"model digest mismatch for round {got_round}")
-            tmp.replace(dest)
-            return Downloaded(got_round, dest, sha.hexdigest(), nbytes)
-
-        return self._call("download", attempt)
+    def _attempt(
+        self, round_id: int, site: str, dest: Path, base: HeldModel | None, mismatches: list[int]
+    ) -> Downloaded:
+        request = pb.DownloadModelRequest(round_id=round_id, site=site)
+        if base is not None:
+            request.have_round, request.have_digest = base.round_id, base.digest
+        call = self.stub.DownloadModel(request, timeout=self.rpc_timeout_s)
+        try:
+            chunks = iter(call)
+            first = next(chunks, None)
+            if first is not None and first.delta_from_round:
+                if base is None:
+                    raise Refused(grpc.StatusCode.INTERNAL, f"the aggregator sent a delta from round "
+                                  f"{first.delta_from_round} to a download that named no base model")
+                if first.delta_from_round != base.round_id:
+                    raise DeltaFailed(f"the aggregator sent a delta from round {first.delta_from_round}, "
+                                      f"the site holds round {base.round_id}'s model", len(first.frame))
+                return _receive_delta(first, chunks, base, dest)
+            return _receive_full(round_id, first, chunks, dest, mismatches)
+        finally:
+            call.cancel()  # a stream left unread (a failed delta) ends now; no-op once it has completed
 
     def submit(self, header: pb.UpdateHeader, frames_path: Path, digest: str, chunk_count: int) -> pb.SubmitUpdateResponse:
         """Upload a stored update; a retried upload sends the same bytes (idempotent at the aggregator)."""
@@ -207,6 +238,85 @@ class AggregatorClient:
             yield pb.SubmitUpdateRequest(commit=pb.UpdateCommit(chunk_count=chunk_count, digest=digest))
 
         return self._call("upload", lambda: self.stub.SubmitUpdate(requests(), timeout=self.rpc_timeout_s))
+
+
+def _receive_full(
+    round_id: int, first: pb.DownloadModelResponse | None, chunks: Iterator[pb.DownloadModelResponse], dest: Path,
+    mismatches: list[int],
+) -> Downloaded:
+    """Write a full model's frames to ``dest`` as they arrive; check the digest before renaming."""
+    sha = hashlib.sha256()
+    nbytes = 0
+    digest = ""
+    got_round = round_id
+    tmp = dest.with_suffix(".download")
+
+    def payloads() -> Iterator[bytes]:
+        nonlocal nbytes, digest, got_round
+        for chunk in itertools.chain([first] if first is not None else [], chunks):
+            sha.update(chunk.frame)
+            nbytes += len(chunk.frame)
+            digest, got_round = chunk.model_digest, chunk.round_id
+            yield chunk.frame
+
+    with open(tmp, "wb") as fh:
+        codec.write_frames(fh, payloads())
+    if digest and sha.hexdigest() != digest:
+        tmp.unlink(missing_ok=True)
+        mismatches[0] += 1
+        if mismatches[0] >= MAX_DIGEST_FAILURES:
+            raise Refused(grpc.StatusCode.DATA_LOSS, f"model of round {got_round} arrived corrupted "
+                          f"{mismatches[0]} times (digest {sha.hexdigest()[:16]}… != {digest[:16]}…)")
+        # A corrupted transfer is worth another try, like a dropped connection.
+        raise _TransientError(f"model digest mismatch for round {got_round}")
+    tmp.replace(dest)
+    return Downloaded(got_round, dest, sha.hexdigest(), nbytes)
+
+
+def _receive_delta(
+    first: pb.DownloadModelResponse, chunks: Iterator[pb.DownloadModelResponse], base: HeldModel, dest: Path
+) -> Downloaded:
+    """Rebuild the model from ``base`` and a delta stream, tensor by tensor, and verify it.
+
+    The rebuilt model is re-encoded losslessly (as the aggregator stores it) and written to
+    ``dest`` atomically only when its digest is the full model's. Memory: one tensor at a time.
+
+    Raises:
+        DeltaFailed: a delta that does not apply to ``base`` or does not give the model.
+        grpc.RpcError: the stream broke (retried by the caller, as for a full download).
+    """
+    nbytes = 0
+    rebuilt = hashlib.sha256()
+
+    def payloads() -> Iterator[bytes]:
+        nonlocal nbytes
+        for chunk in itertools.chain([first], chunks):
+            if (chunk.round_id, chunk.delta_from_round, chunk.model_digest) != (
+                first.round_id, first.delta_from_round, first.model_digest
+            ):
+                raise codec.CodecError(f"chunk {chunk.index} describes another download than the first chunk")
+            nbytes += len(chunk.frame)
+            yield chunk.frame
+
+    def hashed(frames: Iterator[bytes]) -> Iterator[bytes]:
+        for frame in frames:
+            rebuilt.update(frame)
+            yield frame
+
+    try:
+        with open(base.path, "rb") as base_fh, codec.atomic_writer(dest) as out:
+            old = codec.decode_frames(codec.read_frames(base_fh))
+            new = codec.apply_model_delta(old, payloads())
+            codec.write_frames(out, hashed(codec.encode_tensors(new, codec.LOSSLESS)))
+            if rebuilt.hexdigest() != first.model_digest:
+                # Raised inside the writer: the temporary file is removed, ``dest`` never appears.
+                raise codec.CodecError(
+                    f"the model rebuilt from round {base.round_id}'s has digest {rebuilt.hexdigest()[:16]}…, "
+                    f"the aggregator's is {first.model_digest[:16]}…"
+                )
+    except (codec.CodecError, OSError) as exc:
+        raise DeltaFailed(str(exc), nbytes) from exc
+    return Downloaded(first.round_id, dest, rebuilt.hexdigest(), nbytes, delta_from_round=base.round_id)
 
 
 class _TransientError(grpc.RpcError):

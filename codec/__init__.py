@@ -12,6 +12,7 @@ Typical use::
 """
 
 from .container import FILE_MAGIC, atomic_write_bytes, atomic_writer, load_tensors, read_frames, save_tensors, write_frames
+from .delta import apply_model_delta, encode_model_delta
 from .errors import CodecError
 from .frame import MAX_FRAME_BYTES, PAYLOAD_BUDGET, SUPPORTED_DTYPES, FrameHeader, read_header
 from .spec import LOSSLESS, CodecSpec
@@ -54,4 +55,6 @@ __all__ = [
     "load_tensors",
     "atomic_writer",
     "atomic_write_bytes",
+    "encode_model_delta",
+    "apply_model_delta",
 ]

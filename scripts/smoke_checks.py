@@ -1,6 +1,7 @@
 """Checks deploy-smoke.sh runs from the host against a played aggregator (the project's venv).
 
     python scripts/smoke_checks.py health  --target 127.0.0.1:P --tls DIR [--service NAME] [--timeout S]
+    python scripts/smoke_checks.py health-only --target 127.0.0.1:H
     python scripts/smoke_checks.py metrics --url http://127.0.0.1:M/metrics
     python scripts/smoke_checks.py status  --target 127.0.0.1:P --tls DIR --rounds N
 
@@ -54,6 +55,16 @@ def wait_serving(target: str, tls: Path | None, service: str, timeout_s: float) 
     return last
 
 
+def aggregator_call_refused(target: str) -> str:
+    """An aggregator RPC in plaintext at ``target``: the status code name it got, "OK" if served."""
+    with channel(target, None) as ch:
+        try:
+            pb_grpc.AggregatorServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code().name  # type: ignore[attr-defined]
+    return "OK"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="check", required=True)
@@ -62,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--tls", type=Path, help="a site's TLS folder; plaintext without it")
     h.add_argument("--service", default="fedsegnet.v1.AggregatorService")
     h.add_argument("--timeout", type=float, default=120.0)
+    o = sub.add_parser("health-only", help="the plaintext health port answers UNIMPLEMENTED to an aggregator RPC")
+    o.add_argument("--target", required=True)
     m = sub.add_parser("metrics")
     m.add_argument("--url", required=True)
     s = sub.add_parser("status")
@@ -74,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         status = wait_serving(args.target, args.tls, args.service, args.timeout)
         print(f"health {args.service or '(server)'} at {args.target}: {status}")
         return 0 if status == "SERVING" else 1
+    if args.check == "health-only":
+        code = aggregator_call_refused(args.target)
+        print(f"aggregator GetStatus in plaintext at {args.target}: {code}")
+        return 0 if code == "UNIMPLEMENTED" else 1
     if args.check == "metrics":
         with urllib.request.urlopen(args.url, timeout=10) as reply:
             text = reply.read().decode()

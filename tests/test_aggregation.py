@@ -22,6 +22,7 @@ from aggregator_service.aggregation import (
     fedavg_weights,
     mean_weights,
     round_weights,
+    scatter_add,
     trimmed_mean,
     weighted_accumulate,
     weighted_sum,
@@ -160,6 +161,63 @@ def test_weighted_accumulate_validation() -> None:
         weighted_accumulate(np.zeros(3), np.zeros(2), 1.0)
     with pytest.raises(ValueError, match="float64 accumulator"):
         weighted_accumulate(np.zeros(2, np.float32), np.zeros(2), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scatter_add_sparse_by_hand(dtype: type) -> None:
+    # acc[0] += 0.5 * 10, acc[3] += 0.5 * -4: [1, 2, 3, 4] -> [6, 2, 3, 2]; other positions untouched.
+    acc = np.array([1.0, 2.0, 3.0, 4.0], dtype)
+
+    scatter_add(acc, np.array([10.0, -4.0], np.float32), 0.5, np.array([0, 3], np.int64))
+
+    np.testing.assert_array_equal(acc, [6.0, 2.0, 3.0, 2.0])
+    assert acc.dtype == dtype
+
+
+def test_scatter_add_dense_run_by_hand() -> None:
+    # A dense part covering positions 1..2: [1, 2, 3, 4] + 2 * [0, 1, -1, 0] = [1, 4, 1, 4].
+    acc = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+
+    scatter_add(acc, np.array([1.0, -1.0], np.float32), 2.0, None, start=1)
+
+    np.testing.assert_array_equal(acc, [1.0, 4.0, 1.0, 4.0])
+
+
+def test_scatter_add_zero_weight_skips_non_finite_values() -> None:
+    acc = np.array([1.0, 2.0], np.float32)
+
+    scatter_add(acc, np.array([math.nan, math.inf], np.float32), 0.0, np.array([0, 1], np.int64))
+
+    np.testing.assert_array_equal(acc, [1.0, 2.0])
+
+
+def test_scatter_add_equals_dense_weighted_accumulate_bit_for_bit() -> None:
+    # Sparse adds of a site's sent values give the same bits as adding its dense delta.
+    rng = np.random.default_rng(3)
+    theta = rng.normal(size=1000)
+    positions = np.sort(rng.choice(1000, 37, replace=False)).astype(np.int64)
+    values = rng.normal(size=37).astype(np.float32)
+    dense = np.zeros(1000, np.float32)
+    dense[positions] = values
+
+    sparse = theta.copy()
+    scatter_add(sparse, values, 0.3, positions)
+
+    np.testing.assert_array_equal(sparse, weighted_accumulate(theta.copy(), dense, 0.3))
+
+
+@pytest.mark.parametrize(
+    ("acc", "weight", "message"),
+    [
+        (np.zeros(2, np.float32), -0.1, "weight must be finite and >= 0"),
+        (np.zeros(2, np.float32), math.nan, "weight must be finite and >= 0"),
+        (np.zeros(2, np.int64), 1.0, "1-D floating array"),
+        (np.zeros((1, 2), np.float32), 1.0, "1-D floating array"),
+    ],
+)
+def test_scatter_add_validation(acc: np.ndarray, weight: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        scatter_add(acc, np.ones(1, np.float32), weight, np.array([0], np.int64))
 
 
 # -------------------------------------------------------------------------------- order statistics

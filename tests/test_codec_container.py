@@ -44,7 +44,7 @@ def test_an_empty_container_holds_no_frames():
     assert list(codec.read_frames(io.BytesIO(data))) == []
 
 
-@pytest.mark.parametrize("cut", [0, 5, 8, 10, 12, 100, -5, -4, -1])
+@pytest.mark.parametrize("cut", [0, 5, 8, 10, 12, 40, -5, -4, -1])  # the file has 67 bytes
 def test_a_truncated_file_is_refused(cut):
     data = container_bytes(codec.encode_tensors({"w": np.ones(50, np.float32)}))
 

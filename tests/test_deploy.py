@@ -6,6 +6,7 @@ k8s/ with podman and runs one federation round: minutes, not a unit test). Here:
 * the smoke script skips cleanly, exit 0 with a printed reason, where it cannot run (not root);
 * the build script refuses what it does not know;
 * the podman variant's command line writes what the smoke script plays;
+* the smoke script's health checks tell a health-only port from one that serves the aggregator;
 * ``FEDSEG_DEPLOY_SMOKE=1 pytest tests/test_deploy.py`` also runs the smoke script end to end.
 """
 
@@ -16,8 +17,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Iterator
 
+import numpy as np
 import pytest
+
+import codec
+from aggregator_service.config import parse_federation_config
+from aggregator_service.server import Aggregator, RunningServer, serve
+from aggregator_service.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -78,6 +87,42 @@ def test_podman_variant_refuses_a_site_without_its_folder(tmp_path: Path) -> Non
     )
     assert result.returncode == 2
     assert "--site expects NAME=DATA_DIR, got 'site-1'" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def smoke_checks() -> ModuleType:
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import smoke_checks
+    finally:
+        sys.path.pop(0)
+    return smoke_checks
+
+
+@pytest.fixture
+def plaintext_aggregator(tmp_path: Path) -> Iterator[RunningServer]:
+    """A plaintext aggregator on port 0 with a health-only port beside it."""
+    initial = tmp_path / "initial.frames"
+    codec.save_tensors(initial, [("w", np.zeros((2, 3), dtype=np.float32))])
+    config = parse_federation_config({"federation": {"id": "t", "sites": ["a", "b"]}})
+    running = serve(Aggregator(Store(tmp_path / "store"), config, initial_model=initial), "127.0.0.1:0",
+                    health_listen="127.0.0.1:0")
+    yield running
+    running.stop(grace=None)
+
+
+@pytest.mark.parametrize("port,expected", [("health", 0), ("main", 1)])
+def test_smoke_check_health_only_passes_only_a_port_without_the_aggregator(
+    smoke_checks: ModuleType, plaintext_aggregator: RunningServer, port: str, expected: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = f"127.0.0.1:{plaintext_aggregator.health_port if port == 'health' else plaintext_aggregator.port}"
+
+    serving = smoke_checks.main(["health", "--target", target, "--timeout", "10"])
+    health_only = smoke_checks.main(["health-only", "--target", target])
+
+    assert serving == 0
+    assert health_only == expected
+    assert ("UNIMPLEMENTED" if port == "health" else ": OK") in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -2,9 +2,10 @@
 
 The codec decoder and the submission handler (``rounds.spool_update``) get mutated versions of
 valid input: flipped, cut, inserted, dropped, repeated and swapped bytes and frames; header
-fields replaced by arbitrary JSON (re-packed with a valid header checksum, so the parser sees
-them); payloads rewritten with a matching payload checksum (so the index and value decoders see
-them). Each must answer with its documented error (``CodecError``, ``AggregatorError``) or a
+fields replaced by arbitrary values and header bytes rewritten (re-sealed with a valid header
+checksum, so the parser sees them; arbitrary JSON for the previous release's FSNF frames, which
+decoders still read); payloads rewritten with a matching payload checksum (so the index and value
+decoders see them). Each must answer with its documented error (``CodecError``, ``AggregatorError``) or a
 valid result: no other exception, no hang, no spool file left behind.
 
 A fixed budget (``max_examples``) keeps CI fast; ``benchmarks/fuzz_codec.py`` is the
@@ -13,8 +14,11 @@ coverage-guided (atheris) harness for long local runs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
+import struct
 import zlib
 from pathlib import Path
 from typing import Any
@@ -23,14 +27,28 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from numpy_federation import config, delta, digest, frames_of, model
 
 import codec
 from aggregator_service import rounds
 from aggregator_service.errors import AggregatorError
 from aggregator_service.rounds import UpdateCommit, UpdateHeader
 from aggregator_service.store import Store
-from codec.frame import _KEYS, pack_frame, unpack_frame
-from numpy_federation import config, delta, digest, frames_of, model
+from codec.frame import (
+    _KEYS,
+    SUPPORTED_DTYPES,
+    FrameHeader,
+    encode_header,
+    unpack_frame,
+)
+from codec.stages import (
+    Chain,
+    DenseSelection,
+    Fp16Coder,
+    IntCoder,
+    RawCoder,
+    SparseSelection,
+)
 
 # No shrinking: a failure prints its example at once instead of spending minutes minimising it.
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True,
@@ -50,7 +68,17 @@ SPECS = [
     codec.CodecSpec(quantization="fp16", zstd_level=0),
     codec.CodecSpec(top_k_fraction=0.9, zstd_level=0),  # dense-ish top-k: bitmap index coding
 ]
-VALID = [frames_of(TENSORS, spec) for spec in SPECS]
+
+
+def _legacy(name: str) -> list[bytes]:
+    """FSNF frames written by the previous release (tests/data/README.md)."""
+    with open(Path(__file__).parent / "data" / name, "rb") as fh:
+        return list(codec.read_frames(fh))
+
+
+VALID = [frames_of(TENSORS, spec) for spec in SPECS] + [
+    _legacy("legacy_v1_model.frames"), _legacy("legacy_v1_update.frames")
+]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -66,18 +94,80 @@ def _flip(frame: bytes, data: st.DataObject) -> bytes:
     return frame[:at] + bytes([frame[at] ^ data.draw(st.integers(1, 255))]) + frame[at + 1:]
 
 
+chains = st.builds(
+    Chain,
+    st.just(DenseSelection())
+    | st.builds(SparseSelection, st.integers(0, 400), st.sampled_from(["varint", "bitmap"]), st.integers(0, 600)),
+    st.builds(RawCoder, st.sampled_from([1, 2, 4, 8])) | st.just(Fp16Coder())
+    | st.builds(IntCoder, st.sampled_from([8, 4]), st.integers(1, 300)),
+    st.booleans(),
+)
+field_values = {
+    "name": st.text(min_size=1, max_size=8),
+    "shape": st.lists(st.integers(0, 400) | st.integers(0, 2**62), max_size=4).map(tuple),
+    "dtype": st.sampled_from(sorted(SUPPORTED_DTYPES)).map(np.dtype),
+    "part": st.integers(0, 4) | st.integers(0, 2**63 - 1),
+    "parts": st.integers(0, 4) | st.integers(0, 2**63 - 1),
+    "start": st.integers(0, 400) | st.integers(0, 2**63 - 1),
+    "stop": st.integers(0, 400) | st.integers(0, 2**63 - 1),
+    "chain": chains,
+    "crc": st.integers(0, 2**32 - 1),
+}
+
+
+def _seal(frame: bytes, head: bytes, payload: bytes) -> bytes:
+    """A frame of the same format as ``frame`` with header bytes ``head`` and a valid header checksum."""
+    if frame[:4] == b"FSNF":
+        return struct.pack("<4sB3sII", b"FSNF", 1, bytes(3), len(head), zlib.crc32(head)) + head + payload
+    return b"FSN2" + struct.pack("<HI", len(head), zlib.crc32(head)) + head + payload
+
+
+def _rewritten(header: FrameHeader, key: str, value: object) -> bytes:
+    """FSN2 header bytes of ``header`` with one field replaced (count and size follow, as in the format)."""
+    h = dataclasses.replace(header, **{key: value})
+    count = math.prod(h.shape)
+    size = h.chain.selection.index_bytes + h.chain.values.encoded_size(max(0, h.chain.value_count(h.stop - h.start)))
+    return encode_header(dataclasses.replace(h, count=count, size=size))
+
+
 def _header_field(frame: bytes, data: st.DataObject) -> bytes:
-    """Replace one header field by arbitrary JSON, re-packed with a valid header checksum."""
+    """Replace one header field by an arbitrary value, re-written with a valid header checksum."""
     try:
         header, payload = unpack_frame(frame)
     except codec.CodecError:  # already broken (an earlier mutation)
         return _flip(frame, data)
-    fields = header.to_json()
-    fields[data.draw(st.sampled_from(_KEYS))] = data.draw(json_values)
+    if frame[:4] == b"FSNF":
+        fields = header.to_json()
+        fields[data.draw(st.sampled_from(_KEYS))] = data.draw(json_values)
+        try:
+            head = json.dumps(fields).encode()
+        except (TypeError, ValueError):
+            return frame
+        return _seal(frame, head, bytes(payload))
+    key = data.draw(st.sampled_from(sorted(field_values)))
     try:
-        return pack_frame(fields, bytes(payload))
-    except (codec.CodecError, TypeError, ValueError):  # not even packable: send the original
+        return _rewritten(header, key, data.draw(field_values[key])) + bytes(payload)
+    except codec.CodecError:  # not writable in FSN2 (e.g. a name too long): send the original
         return frame
+
+
+def _header_bytes(frame: bytes, data: st.DataObject) -> bytes:
+    """Overwrite, insert or delete a few header bytes, re-sealed with a valid header checksum."""
+    try:
+        _header, payload = unpack_frame(frame)
+    except codec.CodecError:
+        return _flip(frame, data)
+    start = 16 if frame[:4] == b"FSNF" else 10
+    head = bytearray(frame[start : len(frame) - len(payload)])
+    at = data.draw(st.integers(0, len(head) - 1))
+    kind = data.draw(st.sampled_from(["set", "insert", "delete"]))
+    if kind == "set":
+        head[at] = data.draw(st.integers(0, 255))
+    elif kind == "insert":
+        head[at:at] = data.draw(st.binary(min_size=1, max_size=4))
+    else:
+        del head[at : at + data.draw(st.integers(1, 4))]
+    return _seal(frame, bytes(head), bytes(payload))
 
 
 def _payload(frame: bytes, data: st.DataObject) -> bytes:
@@ -91,7 +181,9 @@ def _payload(frame: bytes, data: st.DataObject) -> bytes:
     raw = bytearray(payload)
     for _ in range(data.draw(st.integers(1, 4))):
         raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
-    return pack_frame({**header.to_json(), "crc": zlib.crc32(raw)}, bytes(raw))
+    if frame[:4] == b"FSNF":
+        return _seal(frame, json.dumps({**header.to_json(), "crc": zlib.crc32(raw)}).encode(), bytes(raw))
+    return encode_header(dataclasses.replace(header, crc=zlib.crc32(raw))) + bytes(raw)
 
 
 def _cut(frame: bytes, data: st.DataObject) -> bytes:
@@ -103,7 +195,7 @@ def _insert(frame: bytes, data: st.DataObject) -> bytes:
     return frame[:at] + data.draw(st.binary(min_size=1, max_size=16)) + frame[at:]
 
 
-FRAME_MUTATIONS = [_flip, _header_field, _payload, _cut, _insert]
+FRAME_MUTATIONS = [_flip, _header_field, _header_bytes, _payload, _cut, _insert]
 
 
 def mutate(frames: list[bytes], data: st.DataObject) -> list[bytes]:
@@ -225,7 +317,10 @@ def test_the_fuzzed_upload_is_valid_before_mutation(store: Store) -> None:
 
 
 def test_valid_streams_decode(tmp_path: Path) -> None:
-    for frames in VALID:
+    for frames in VALID[: len(SPECS)]:
         decoded = dict(codec.decode_frames(frames))
         assert list(decoded) == list(TENSORS)
         np.testing.assert_array_equal(decoded["i64"], TENSORS["i64"])
+    for frames in VALID[len(SPECS) :]:  # the previous release's FSNF frames
+        assert {f[:4] for f in frames} == {b"FSNF"}
+        assert len(dict(codec.decode_frames(frames))) > 5

