@@ -49,6 +49,7 @@ import zstandard
 from .errors import CodecError
 from .frame import check_name
 from .spec import CodecSpec
+from .stages import zstd_decompress
 from .stream import (
     DEFAULT_MAX_TENSOR_BYTES,
     NamedTensors,
@@ -213,23 +214,6 @@ def encode_model_delta(
 # Decoding.
 
 
-def _decompress(data: memoryview, size: int, what: str) -> bytes:
-    """zstd-decompress a body of exactly ``size`` bytes (the frame's declared size checked first)."""
-    try:
-        declared = zstandard.frame_content_size(data)
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"{what}: delta body is not a zstd frame ({exc})") from None
-    if declared != size:
-        raise CodecError(f"{what}: delta body declares {declared} bytes, its head says {size}")
-    try:
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size, allow_extra_data=False)
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"{what}: corrupt delta body ({exc})") from None
-    if len(out) != size:
-        raise CodecError(f"{what}: delta body decompressed to {len(out)} bytes, its head says {size}")
-    return out
-
-
 def _max_body(mode: int, count: int, itemsize: int) -> int:
     """The largest body a tensor of ``count`` elements can have (bounds decompression)."""
     if mode == _DENSE:
@@ -282,7 +266,7 @@ def _apply_tensor(name: str, old: np.ndarray, payload: np.ndarray) -> np.ndarray
     if size > limit:
         raise CodecError(f"{what}: delta body claims {size} bytes, at most {limit} for this tensor")
     stored = data[_HEAD.size:]
-    body: bytes | memoryview = _decompress(stored, size, what) if compressed else stored
+    body: bytes | memoryview = zstd_decompress(zstandard.ZstdDecompressor(), stored, size, f"{what}: delta body") if compressed else stored
     if len(body) != size:
         raise CodecError(f"{what}: delta body of {len(body)} bytes, its head says {size}")
     new = np.array(old, copy=True, order="C")
