@@ -15,11 +15,12 @@ over ``U``::
     D_ref = median{D_j : j in U, D_j known}          H_ref = median{H_j : j in U, H_j known}
     u_ref = median{u_j : j in U}   (if that is 0: median of the positive u_j; if none: 0)
 
-Quality (a bounded exponential score, one temperature per metric)::
+Quality (a bounded exponential score, one temperature and one tolerance per metric), with the
+soft threshold ``shrink(x, t) = sign(x) max(|x| - t, 0)``::
 
-    s_k = (D_k - D_ref) / T_dice  -  ln((H_k + h0) / (H_ref + h0)) / T_hd95
+    s_k = shrink(D_k - D_ref, t_D) / T_dice  -  shrink(ln((H_k + h0) / (H_ref + h0)), t_H) / T_hd95
           (a missing D_k or H_k contributes 0 to s_k)
-    q_k = exp(clip(s_k, ln f, -ln f))                      so  q_k in [f, 1/f]
+    q_k = exp(clip(s_k, ln f, ln g))                        so  q_k in [f, g]   (default g = 1)
 
 Divergence, with the ratio ``ρ_k = u_k / u_ref`` (``ρ_k = 0`` when ``u_k = 0``)::
 
@@ -33,9 +34,20 @@ Weights::
 
 Constants (``AAMConfig`` defaults) and why
 ------------------------------------------
+- ``quality_ceiling g = 1.0`` (no reward) and the tolerances ``dice_tolerance t_D = 0.1``,
+  ``hd95_tolerance t_H = 0.5``: quality *penalises* a site clearly worse than the round's median and
+  never *rewards* one for being better. Measured (results/README.md, "AAM's quality term"): with a
+  reward (g = 4, no tolerance) the site with the easiest local data got about 0.8 of the weight,
+  the global model drifted towards it, its local Dice rose further and it gained still more weight:
+  a rich-get-richer loop that left the compressed federation at 0.17 held-out Dice where FedAvg
+  reached 0.60. Local Dice also differs by 0.1-0.2 between honest non-IID sites in early rounds,
+  hence the tolerance: differences within it count as none (the analogue of
+  ``divergence_tolerance`` for norms). A self-reported metric can then only cost a site weight, so
+  over-reporting buys nothing. ``quality_ceiling = 1 / quality_floor`` with zero tolerances gives
+  the symmetric variant back.
 - ``dice_temperature T_dice = 0.1``: Dice lives on a fixed [0, 1] scale, so a fixed temperature in
-  Dice units is meaningful: a site 0.1 Dice above the round's median gets e ≈ 2.7x its FedAvg share
-  relative to a median site, one 0.05 above gets 1.65x. We deliberately do *not* divide by the
+  Dice units is meaningful: a site 0.2 Dice below the round's median (0.1 beyond the tolerance)
+  gets e^-1 ≈ 0.37x its FedAvg share relative to a median site. We deliberately do *not* divide by the
   round's spread (a z-score): when sites agree closely (0.801 vs 0.799) a z-score would blow
   validation noise on small local validation sets up into full standard deviations.
 - ``hd95_temperature T_hd95 = 1.0`` and ``hd95_offset_mm h0 = 1.0``: HD95 is compared as a
@@ -43,12 +55,11 @@ Constants (``AAMConfig`` defaults) and why
   half → x2 at T=1). The 1 mm offset is about one voxel: sub-voxel HD95 differences are
   quantisation noise, and the offset keeps HD95 = 0 (perfect, or empty structures) finite.
   HD95 = inf (e.g. an empty prediction) is allowed and lands on the quality floor.
-- ``quality_floor f = 0.25`` (and ceiling ``1/f = 4``): Dice and HD95 are self-reported and
-  measured on small, site-specific validation sets. The floor keeps a mediocre-but-honest site
-  (harder cases, different scanner) at >= 1/4 of a median site's share instead of erasing it, which
-  would bias the global model towards the easy sites. The symmetric ceiling bounds what a site can
-  gain by over-reporting its metrics to 4x. ``quality_floor = 1.0`` switches quality weighting off
-  (the AAM-without-quality ablation).
+- ``quality_floor f = 0.25``: Dice and HD95 are self-reported and measured on small, site-specific
+  validation sets. The floor keeps a mediocre-but-honest site (harder cases, different scanner) at
+  >= 1/4 of a median site's share instead of erasing it, which would bias the global model towards
+  the easy sites. ``quality_floor = 1.0`` (with the default ceiling 1) switches quality weighting
+  off (the AAM-without-quality ablation).
 - ``divergence_tolerance c = 2.0``: honest updates differ in norm (more data → more local steps,
   non-IID data, error-feedback residuals of sparsified updates), so up to twice the median norm is
   treated as normal and costs nothing.
@@ -170,7 +181,10 @@ class AAMConfig:
         dice_temperature: T_dice > 0, in Dice units.
         hd95_temperature: T_hd95 > 0, on the natural-log ratio to the median HD95.
         hd95_offset_mm: h0 > 0, added to HD95 before taking ratios (about one voxel).
-        quality_floor: f in (0, 1]; quality is clipped to [f, 1/f]; 1.0 disables quality weighting.
+        quality_floor: f in (0, 1]; quality is clipped to [f, g]; f = g = 1 disables quality weighting.
+        quality_ceiling: g >= 1; 1.0 (the default): a better-than-median site gains nothing.
+        dice_tolerance: t_D >= 0, Dice units; |D_k - D_ref| within it counts as 0.
+        hd95_tolerance: t_H >= 0, on the log ratio to the median HD95; within it counts as 0.
         divergence_tolerance: c >= 1; norms up to c x median are not penalised (inf: never).
         divergence_power: p > 0; decay exponent (c/ρ)^p beyond c.
         divergence_hard_limit: L > c; norms above L x median get weight 0 (inf: never).
@@ -181,6 +195,9 @@ class AAMConfig:
     hd95_temperature: float = 1.0
     hd95_offset_mm: float = 1.0
     quality_floor: float = 0.25
+    quality_ceiling: float = 1.0
+    dice_tolerance: float = 0.1
+    hd95_tolerance: float = 0.5
     divergence_tolerance: float = 2.0
     divergence_power: float = 2.0
     divergence_hard_limit: float = 10.0
@@ -193,6 +210,12 @@ class AAMConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
         if not 0.0 < self.quality_floor <= 1.0:
             raise ValueError(f"quality_floor must be in (0, 1], got {self.quality_floor}")
+        if not (math.isfinite(self.quality_ceiling) and self.quality_ceiling >= 1.0):
+            raise ValueError(f"quality_ceiling must be a finite number >= 1, got {self.quality_ceiling}")
+        for name in ("dice_tolerance", "hd95_tolerance"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if not self.divergence_tolerance >= 1.0:
             raise ValueError(
                 f"divergence_tolerance must be >= 1 (a multiple of the median norm; inf disables "
@@ -366,7 +389,14 @@ def _reference_norm(norms: list[float]) -> float:
 def _dice_term(dice: float | None, reference: float | None, config: AAMConfig) -> float:
     if dice is None or reference is None:
         return 0.0  # missing: neutral, as if the site were at the round's median
-    return (float(dice) - reference) / config.dice_temperature
+    return _shrink(float(dice) - reference, config.dice_tolerance) / config.dice_temperature
+
+
+def _shrink(x: float, tolerance: float) -> float:
+    """Soft threshold: differences within ``tolerance`` count as none; beyond it, only the excess."""
+    if math.isinf(x):
+        return x
+    return math.copysign(max(abs(x) - tolerance, 0.0), x)
 
 
 def _hd95_term(hd95: float | None, reference: float | None, config: AAMConfig) -> float:
@@ -381,12 +411,12 @@ def _hd95_term(hd95: float | None, reference: float | None, config: AAMConfig) -
     if math.isinf(r):
         return math.inf
     # Lower HD95 is better, hence the minus sign.
-    return -math.log(h / r) / config.hd95_temperature
+    return -_shrink(math.log(h / r), config.hd95_tolerance) / config.hd95_temperature
 
 
 def _quality(score: float, config: AAMConfig) -> float:
-    bound = -math.log(config.quality_floor)  # >= 0
-    return math.exp(min(max(score, -bound), bound))
+    low, high = math.log(config.quality_floor), math.log(config.quality_ceiling)  # <= 0 <= high
+    return math.exp(min(max(score, low), high))
 
 
 def _norm_ratio(stats: SiteStats, reference: float) -> float | None:

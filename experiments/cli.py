@@ -3,7 +3,7 @@
     fedseg simulate [--config FILE] [--workdir DIR]    a whole federation on this machine
     fedseg make-data OUT [...]                         generate non-IID site folders from MNI152
     fedseg init-model --config FEDERATION.toml --out FILE   the global model round 1 starts from
-    fedseg experiment table3|table4|table5|faulty-site|compression   the paper's comparisons
+    fedseg experiment table3|table4|table5|faulty-site|compression|targets|brats   the paper's comparisons
 """
 
 from __future__ import annotations
@@ -38,8 +38,12 @@ def _simulate(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from experiments.experiment import run_experiment
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if args.tabulate:
+        methods = []
+    max_seconds = 60 * args.max_minutes if args.max_minutes else None
     run_experiment(args.name, results_dir=Path(args.results), work_dir=Path(args.workdir), base_config=args.config,
-                   scale=args.scale, force=args.force)
+                   scale=args.scale, force=args.force, methods=methods, max_seconds=max_seconds)
     return 0
 
 
@@ -80,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--results", default="results", help="where results/NAME/ goes")
     exp.add_argument("--workdir", default="runs/experiments", help="where the runs' data, stores and logs go")
     exp.add_argument("--force", action="store_true", help="rerun methods that already have results")
+    exp.add_argument("--methods", help="comma-separated methods of the experiment to run now (default: all); "
+                     "the table shows every method with a finished run")
+    exp.add_argument("--tabulate", action="store_true",
+                     help="run nothing: write the table, summary and plots of the methods that have finished runs")
+    exp.add_argument("--max-minutes", type=float, default=0,
+                     help="stop after the round that passes this many minutes; the same command resumes (0: no limit)")
     exp.set_defaults(func=_experiment)
 
     sitedata.add_cli(sub)

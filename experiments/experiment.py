@@ -8,7 +8,13 @@ experiment resumes where it stopped and a finished one is only re-tabulated. Out
 per-site Dice, bytes per round).
 
 Scales: ``demo`` (the base config: 3 sites, a few rounds, 2 mm; minutes on a CPU) and ``paper``
-(5 sites, 50 rounds, 3 local epochs, 96³: needs a GPU and hours).
+(5 sites, 50 rounds, 3 local epochs, 96³: needs a GPU and hours). A long experiment runs in parts:
+``methods`` picks which of its methods to run now (the table shows every method that has a
+finished run), and ``max_seconds`` stops a method after the round that passes the limit, keeping
+its store and site states so that the same command resumes it at the next round.
+
+The ``brats`` experiment runs on the BraTS-like task (four modalities, labels 0/1/2/4) and adds
+the BraTS regions (ET, TC, WT: Dice and HD95) to its table.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, TextIO
+from typing import Any, Mapping, Sequence, TextIO
 
 from experiments.simulate import DEFAULT_CONFIG, RoundRow, dump_toml, run_simulation
 
@@ -34,6 +40,9 @@ else:  # pragma: no cover
 COMPRESSED = {"top_k_fraction": 0.01, "quantization": "int8", "zstd_level": 3}
 TOP10 = {"top_k_fraction": 0.1, "quantization": "int8", "zstd_level": 3}
 DENSE = {"top_k_fraction": 1.0, "quantization": "fp32", "zstd_level": 3}
+TOP2_INT4 = {"top_k_fraction": 0.02, "quantization": "int4", "zstd_level": 3}
+SCALED_FAULT = {"faulty_site": 3, "fault": "scaled_update", "update_scale": 10.0}
+FLIPPED_FAULT = {"faulty_site": 3, "fault": "scaled_update", "update_scale": -5.0}
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,14 @@ METHODS: dict[str, Method] = {
     ),
     "fedsegnet": Method("FedSegNet (Transformer U-Net + AAM + top-1% int8)",
                         {"aggregation": {"strategy": "aam"}, "codec": COMPRESSED}),
+    "fedavg_top2_int4": Method("FedAvg, top-2% int4", {"aggregation": {"strategy": "fedavg"}, "codec": TOP2_INT4}),
+    "fedsegnet_top2_int4": Method("FedSegNet, top-2% int4 (Transformer U-Net + AAM)",
+                                  {"aggregation": {"strategy": "aam"}, "codec": TOP2_INT4}),
+    # AAM without its quality factor (divergence only): the site with the best self-reported Dice
+    # is not favoured, which matters when that site's data differ most from the others'.
+    "fedsegnet_top2_int4_divergence_only": Method(
+        "FedSegNet, top-2% int4, AAM divergence only (quality_floor = 1)",
+        {"aggregation": {"strategy": "aam", "aam": {"quality_floor": 1.0}}, "codec": TOP2_INT4}),
     "fedsegnet_no_transformer": Method(
         "FedSegNet without the transformer",
         {"model": {"architecture": "cnn_unet", "options": {"drop": ["num_transformer_layers", "num_heads"]}},
@@ -68,15 +85,36 @@ METHODS: dict[str, Method] = {
                             {"simulation": {"faulty_site": 3}, "aggregation": {"strategy": "fedavg"}, "codec": DENSE}),
     "faulty_aam": Method("Faulty site (noisy labels), AAM",
                          {"simulation": {"faulty_site": 3}, "aggregation": {"strategy": "aam"}, "codec": DENSE}),
+    # Site 3 holds the most cases, so FedAvg gives its (scaled) update the largest weight.
+    "faulty_scaled_fedavg": Method("Faulty site (update x10), FedAvg",
+                                   {"simulation": SCALED_FAULT, "aggregation": {"strategy": "fedavg"}, "codec": DENSE}),
+    "faulty_scaled_aam": Method("Faulty site (update x10), AAM",
+                                {"simulation": SCALED_FAULT, "aggregation": {"strategy": "aam"}, "codec": DENSE}),
+    "faulty_flipped_fedavg": Method("Faulty site (update x-5), FedAvg",
+                                    {"simulation": FLIPPED_FAULT, "aggregation": {"strategy": "fedavg"}, "codec": DENSE}),
+    "faulty_flipped_aam": Method("Faulty site (update x-5), AAM",
+                                 {"simulation": FLIPPED_FAULT, "aggregation": {"strategy": "aam"}, "codec": DENSE}),
 }
 
 EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "table3": ("centralized", "unet_federated", "fedavg_dense", "fedsegnet"),
     "table4": ("fedavg_dense", "fedavg_compressed", "fedsegnet"),
     "table5": ("fedsegnet", "fedsegnet_no_transformer", "fedsegnet_no_aam"),
-    "faulty-site": ("faulty_fedavg", "faulty_aam"),
+    "faulty-site": ("faulty_fedavg", "faulty_aam", "faulty_scaled_fedavg", "faulty_scaled_aam",
+                    "faulty_flipped_fedavg", "faulty_flipped_aam"),
     "compression": ("fedavg_dense", "fedavg_top10", "fedavg_compressed"),
+    # The issue's two numeric targets side by side: Dice against centralized, bytes against dense.
+    # fedavg_top2_int4 separates what the codec costs from what AAM's weighting does.
+    "targets": ("centralized", "fedavg_dense", "fedsegnet", "fedsegnet_top2_int4", "fedavg_top2_int4"),
+    "brats": ("centralized", "fedavg_dense", "fedsegnet"),
 }
+
+# What an experiment changes in the base configuration for all of its methods (before the methods'
+# own overrides): the BraTS-like task has four modalities; labels 0/1/2/4 map to 4 classes.
+EXPERIMENT_OVERRIDES: dict[str, Mapping[str, Any]] = {
+    "brats": {"simulation": {"task": "brats"}, "model": {"in_channels": 4, "out_channels": 4}},
+}
+REGIONS = ("ET", "TC", "WT")
 
 SCALES: dict[str, Mapping[str, Any]] = {
     "demo": {},
@@ -105,10 +143,19 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-def method_config(base: Mapping[str, Any], method: str, scale: str) -> dict[str, Any]:
+def method_config(base: Mapping[str, Any], method: str, scale: str, experiment: str | None = None) -> dict[str, Any]:
+    """The simulation configuration of one method: base, then scale, experiment and method overrides."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    return merge(merge(base, SCALES[scale]), METHODS[method].overrides)
+    config = merge(base, SCALES[scale])
+    config = merge(config, EXPERIMENT_OVERRIDES.get(experiment or "", {}))
+    return merge(config, METHODS[method].overrides)
+
+
+def results_tag(name: str, scale: str, base_config: str | Path | None) -> str:
+    """``results/<tag>``: other scales and base configurations are other experiments, kept apart."""
+    tag = name if scale == "demo" else f"{name}-{scale}"
+    return tag if base_config is None else f"{tag}-{Path(base_config).stem}"
 
 
 def run_experiment(
@@ -119,42 +166,59 @@ def run_experiment(
     base_config: str | Path | None = None,
     scale: str = "demo",
     force: bool = False,
+    methods: Sequence[str] | None = None,
+    max_seconds: float | None = None,
     stream: TextIO = sys.stdout,
 ) -> dict[str, Any]:
-    """Run (or resume) every method of an experiment and write its table, summary and plots."""
+    """Run (or resume) the methods of an experiment and write its table, summary and plots.
+
+    ``methods``: run only these (default: all; empty: none, only tabulate); the table holds every method of the experiment
+    with a finished run of the current configuration. ``max_seconds``: stop a method after the
+    round that passes this limit; the next call resumes it (see the module's docstring).
+    Returns the summaries of the methods in the table.
+    """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
+    selected = tuple(EXPERIMENTS[name] if methods is None else methods)
+    unknown = [m for m in selected if m not in EXPERIMENTS[name]]
+    if unknown:
+        raise ValueError(f"experiment {name!r} has no method(s) {unknown}; its methods: {', '.join(EXPERIMENTS[name])}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
     text = (Path(base_config).read_text() if base_config
             else resources.files("experiments.configs").joinpath(DEFAULT_CONFIG).read_text())
     base = tomllib.loads(text)
-    # Another base configuration is another experiment: keep its results apart.
-    tag = name if base_config is None else f"{name}-{Path(base_config).stem}"
+    tag = results_tag(name, scale, base_config)
     out = results_dir / tag
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    started_all = time.monotonic()
     runs: dict[str, dict[str, Any]] = {}
     for method in EXPERIMENTS[name]:
-        config = method_config(base, method, scale)
+        config = method_config(base, method, scale, name)
         config_text = dump_toml(config)
         digest = hashlib.sha256(config_text.encode()).hexdigest()[:16]
         saved = out / "runs" / f"{method}.json"
         if saved.exists() and not force:
             previous = json.loads(saved.read_text())
             if previous.get("config_digest") == digest:
-                stream.write(f"[{name}] {method}: reusing {saved}\n")
+                stream.write(f"[{tag}] {method}: reusing {saved}\n")
                 runs[method] = previous
                 continue
-        stream.write(f"[{name}] {method}: {METHODS[method].label}\n")
-        workdir = work_dir / scale / tag / method
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "sim.toml").write_text(config_text)
-        started = time.monotonic()
-        result = run_simulation(workdir / "sim.toml", workdir, stream=stream)
-        record = {"method": method, "label": METHODS[method].label, "config_digest": digest,
-                  "wall_seconds": time.monotonic() - started, **result.to_json()}
-        saved.write_text(json.dumps(record, indent=1))
-        runs[method] = record
+        if method not in selected:
+            continue
+        left = None if max_seconds is None else max_seconds - (time.monotonic() - started_all)
+        if left is not None and left <= 0:
+            stream.write(f"[{tag}] {method}: not started, the time limit is spent; run the same command again\n")
+            continue
+        record = _run_method(name, method, tag, config_text, digest, work_dir / scale / tag / method,
+                             out / "runs", force=force, max_seconds=left, stream=stream)
+        if record is not None:
+            runs[method] = record
+    if not runs:
+        stream.write(f"[{tag}] no finished method yet; nothing to tabulate\n")
+        return {}
     table = render_table(name, runs)
     (out / "table.md").write_text(table)
     summary = {m: summarize(r) for m, r in runs.items()}
@@ -166,12 +230,58 @@ def run_experiment(
     return summary
 
 
+def _run_method(
+    name: str, method: str, tag: str, config_text: str, digest: str, workdir: Path, runs_dir: Path, *,
+    force: bool, max_seconds: float | None, stream: TextIO,
+) -> dict[str, Any] | None:
+    """Run one method, or resume its interrupted run; returns its record once it has finished."""
+    saved = runs_dir / f"{method}.json"
+    partial_path = runs_dir / f"{method}.partial.json"
+    resume_rows: list[RoundRow] = []
+    resuming = False
+    wall_before = 0.0
+    if partial_path.exists() and not force and (workdir / "store").is_dir():
+        partial = json.loads(partial_path.read_text())
+        if partial.get("config_digest") == digest:
+            # Rows not in the record (e.g. an interrupted process never wrote them) are read back
+            # from the aggregator's store and the saved global models when the run resumes.
+            resuming, resume_rows = True, rows_of(partial)
+            wall_before = float(partial["wall_seconds"])
+            stream.write(f"[{tag}] {method}: resuming after round {len(resume_rows)}\n")
+    if not resuming:
+        stream.write(f"[{tag}] {method}: {METHODS[method].label}\n")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "sim.toml").write_text(config_text)
+    federation = tomllib.loads(config_text).get("federation", {})
+    # Long runs are bounded by the aggregator's round deadlines, not by a fixed total.
+    timeout_s = 600.0 + float(federation.get("rounds", 3)) * float(federation.get("round_timeout_s", 600))
+    started = time.monotonic()
+    result = run_simulation(workdir / "sim.toml", workdir, stream=stream, fresh=not resuming,
+                            resume_rows=resume_rows, stop_after_s=max_seconds, timeout_s=timeout_s)
+    record = {"method": method, "label": METHODS[method].label, "config_digest": digest,
+              "wall_seconds": wall_before + time.monotonic() - started, **result.to_json()}
+    if not result.finished:
+        partial_path.write_text(json.dumps(record, indent=1))
+        stream.write(f"[{tag}] {method}: stopped after round {len(result.rows)} (time limit); "
+                     "run the same command again to resume\n")
+        return None
+    saved.write_text(json.dumps(record, indent=1))
+    partial_path.unlink(missing_ok=True)
+    return record
+
+
 def rows_of(record: Mapping[str, Any]) -> list[RoundRow]:
     fields = {f.name for f in dataclasses.fields(RoundRow)}
-    return [RoundRow(**{k: v for k, v in row.items() if k in fields}) for row in record["rounds"]]
+    return [RoundRow(**{k: v for k, v in row.items() if k in fields}) for row in record.get("rounds", [])]
 
 
 def summarize(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A finished run's last-round metrics on the held-out set, bytes and weights.
+
+    Keys: ``dice iou hd95 precision recall`` (class means), ``regions`` ({ET/TC/WT: {metric}},
+    BraTS-like task only), ``mb_up_per_round``, ``mb_up_total``, ``mb_down_total``,
+    ``ratio_vs_dense_fp32``, ``wall_seconds``, ``final_weights`` and ``final_update_norms`` (per site).
+    """
     rows = rows_of(record)
     last = rows[-1]
     up = sum(r.bytes_up for r in rows)
@@ -186,25 +296,42 @@ def summarize(record: Mapping[str, Any]) -> dict[str, Any]:
         "ratio_vs_dense_fp32": dense / up if up else 0.0,
         "wall_seconds": record["wall_seconds"],
         "final_weights": last.weights,
+        "final_update_norms": last.update_norms,
     }
+    regions = {
+        region: {k.split("/", 1)[1]: v for k, v in last.global_metrics.items() if k.startswith(f"{region}/")}
+        for region in REGIONS
+    }
+    if any(regions.values()):
+        summary["regions"] = {region: values for region, values in regions.items() if values}
     return summary
 
 
 def render_table(name: str, runs: Mapping[str, Mapping[str, Any]]) -> str:
-    head = ("| method | Dice | IoU | HD95 mm | precision | recall | MB up/round | MB up total | × smaller than fp32 "
-            "| wall s |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    """The experiment's Markdown table: one row per method; BraTS region columns when measured."""
+    summaries = {m: summarize(r) for m, r in runs.items()}
+    regions = [g for g in REGIONS if any(g in s.get("regions", {}) for s in summaries.values())]
+    cols = ["method", "Dice", "IoU", "HD95 mm", "precision", "recall",
+            *(f"{g} Dice" for g in regions), *(f"{g} HD95 mm" for g in regions),
+            "MB up/round", "MB up total", "× smaller than fp32", "wall s"]
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     lines = []
-    for method, record in runs.items():
-        s = summarize(record)
-        lines.append(
-            f"| {s['label']} | {s['dice']:.4f} | {s['iou']:.4f} | {s['hd95']:.2f} | {s['precision']:.4f} | "
-            f"{s['recall']:.4f} | {s['mb_up_per_round']:.3f} | {s['mb_up_total']:.2f} | "
-            f"{s['ratio_vs_dense_fp32']:.1f} | {s['wall_seconds']:.0f} |"
-        )
+    for s in summaries.values():
+        region_of = s.get("regions", {})
+        cells = [
+            s["label"], f"{s['dice']:.4f}", f"{s['iou']:.4f}", f"{s['hd95']:.2f}", f"{s['precision']:.4f}",
+            f"{s['recall']:.4f}",
+            *(f"{region_of.get(g, {}).get('dice', float('nan')):.4f}" for g in regions),
+            *(f"{region_of.get(g, {}).get('hd95', float('nan')):.2f}" for g in regions),
+            f"{s['mb_up_per_round']:.3f}", f"{s['mb_up_total']:.2f}", f"{s['ratio_vs_dense_fp32']:.1f}",
+            f"{s['wall_seconds']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     note = ""
     if name == "faulty-site":
-        weights = {m: summarize(r)["final_weights"] for m, r in runs.items()}
-        note = "\nLast round's aggregation weights: " + "; ".join(
-            f"{METHODS[m].label}: " + ", ".join(f"{site} {w:.3f}" for site, w in sorted(ws.items()))
-            for m, ws in weights.items()) + "\n"
+        note = "\nLast round's aggregation weights (and L2 norm of each site's update): " + "; ".join(
+            f"{METHODS[m].label}: " + ", ".join(
+                f"{site} {w:.3f} (‖Δ‖ {s['final_update_norms'].get(site, float('nan')):.3g})"
+                for site, w in sorted(s["final_weights"].items()))
+            for m, s in summaries.items()) + "\n"
     return f"## {name}\n\n" + head + "\n".join(lines) + "\n" + note

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -33,6 +34,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "demo.toml"
 
+FAULTS = ("label_noise", "scaled_update")
+# How each generated task's labels become the model's classes, at the sites and at the held-out
+# evaluation alike: BraTS stores 0/1/2/4, the model predicts 0-3 (client_agent.data.LABEL_PRESETS).
+TASK_LABEL_MAPS: dict[str, str | None] = {"tissue": None, "brats": "brats_regions"}
+
 
 @dataclass(frozen=True)
 class SimulationSettings:
@@ -48,9 +54,13 @@ class SimulationSettings:
     threads_per_site: int = 0  # 0: share the machine's cores among the sites
     # Centralized baseline: one site holding every site's cases (same code path, one agent).
     pool_sites: bool = False
-    # Faulty-site scenario: site number k (1-based; 0: none) gets noisy labels.
+    # Faulty-site scenario: site number k (1-based; 0: none) misbehaves in the way ``fault`` says:
+    # "label_noise" (its labels get noise) or "scaled_update" (its agent multiplies every update
+    # it uploads by ``update_scale``; experiments/faulty_agent.py).
     faulty_site: int = 0
+    fault: str = "label_noise"
     label_noise: float = 0.6  # fraction of its foreground voxels relabelled at random
+    update_scale: float = 10.0  # e.g. 10 (a blown-up update) or -5 (sign-flipped and amplified)
 
     def __post_init__(self) -> None:
         if self.sites < 1:
@@ -59,6 +69,12 @@ class SimulationSettings:
             raise ValueError(f"simulation.faulty_site must be in [0, {self.sites}], got {self.faulty_site}")
         if not 0.0 <= self.label_noise <= 1.0:
             raise ValueError(f"simulation.label_noise must be in [0, 1], got {self.label_noise}")
+        if self.fault not in FAULTS:
+            raise ValueError(f"simulation.fault must be one of {list(FAULTS)}, got {self.fault!r}")
+        if not (math.isfinite(self.update_scale) and self.update_scale != 0):
+            raise ValueError(f"simulation.update_scale must be a finite non-zero number, got {self.update_scale}")
+        if self.task not in TASK_LABEL_MAPS:
+            raise ValueError(f"simulation.task must be one of {sorted(TASK_LABEL_MAPS)}, got {self.task!r}")
         object.__setattr__(self, "cases_per_site", tuple(int(n) for n in self.cases_per_site))
 
 
@@ -125,7 +141,7 @@ def prepare_site_dirs(data: Any, sim: SimulationSettings, out: Path) -> tuple[Pa
     """The folders the agents read: the generated sites, pooled into one, or with one faulty site."""
     if sim.pool_sites:
         return (_pool(data.site_dirs, out / "pooled"),)
-    if sim.faulty_site:
+    if sim.faulty_site and sim.fault == "label_noise":
         dirs = list(data.site_dirs)
         k = sim.faulty_site - 1
         dirs[k] = _with_label_noise(dirs[k], out / f"{dirs[k].name}-noisy", sim.label_noise, sim.seed, data.num_classes)
@@ -170,6 +186,20 @@ def _with_label_noise(site: Path, dest: Path, fraction: float, seed: int, num_cl
     return dest
 
 
+def agent_argv(sim: SimulationSettings, index: int) -> list[str]:
+    """The program that runs site number ``index`` (0-based): the real agent, or for the faulty
+    site of a ``scaled_update`` scenario the same agent behind the scaling wrapper."""
+    if sim.faulty_site == index + 1 and sim.fault == "scaled_update":
+        return [sys.executable, "-m", "experiments.faulty_agent", "--update-scale", repr(float(sim.update_scale))]
+    return [sys.executable, "-m", "client_agent.cli"]
+
+
+def task_agent_args(task: str) -> list[str]:
+    """Options every agent of a ``task`` federation needs (the label map of its label values)."""
+    label_map = TASK_LABEL_MAPS[task]
+    return ["--label-map", label_map] if label_map else []
+
+
 def write_initial_model(config: FederationConfig, out: Path) -> Path:
     """The global model round 1 starts from: the configured network, initialised from the seed."""
     import torch
@@ -198,6 +228,7 @@ class RoundRow:
     seconds: float
     train_loss: float = float("nan")
     dense_bytes_up: int = 0  # what the same updates cost as dense fp32 (the baseline of the ratio)
+    update_norms: dict[str, float] = field(default_factory=dict)  # L2 norm of each site's decoded update
 
 
 @dataclass
@@ -206,10 +237,12 @@ class SimulationResult:
     workdir: Path = Path(".")
     seconds: float = 0.0
     final_model: Path | None = None
+    finished: bool = True  # False: stopped early (stop_after_s); the workdir can resume it
 
     def to_json(self) -> dict[str, Any]:
         return {
             "seconds": self.seconds,
+            "finished": self.finished,
             "final_model": str(self.final_model) if self.final_model else None,
             "rounds": [dataclasses.asdict(r) for r in self.rows],
         }
@@ -266,32 +299,62 @@ def _wait_for_port(path: Path, proc: subprocess.Popen[bytes], timeout_s: float =
 
 
 class GlobalEvaluator:
-    """Evaluates a global model file on the held-out test folder (the same preprocessing as sites)."""
+    """Evaluates a global model file on the held-out test folder (the same preprocessing as sites).
 
-    def __init__(self, config: FederationConfig, test_dir: Path, cache_dir: Path) -> None:
-        from client_agent.data import NiftiSegDataset, PreprocessConfig, VolumeCache, discover_cases
+    For the BraTS-like task it also scores the BraTS regions (ET, TC, WT), returned flat as
+    ``"ET/dice"``, ``"ET/hd95"``, … beside the class means.
+    """
+
+    def __init__(self, config: FederationConfig, test_dir: Path, cache_dir: Path, *, task: str = "tissue") -> None:
+        from client_agent.data import (
+            NiftiSegDataset,
+            PreprocessConfig,
+            VolumeCache,
+            discover_cases,
+            regions_from_labels,
+            resolve_label_map,
+        )
 
         self.config = config
+        label_map = TASK_LABEL_MAPS[task]
+        self.region_fn = regions_from_labels if label_map == "brats_regions" else None
         cache = VolumeCache(
             config=PreprocessConfig(spatial_size=config.model.img_size),
-            label_map=None,
+            label_map=resolve_label_map(label_map),
             num_classes=config.model.out_channels,
             cache_dir=cache_dir,
         )
         self.dataset = NiftiSegDataset(discover_cases(test_dir), cache=cache)
+        import torch
+
+        # On a GPU machine (paper scale) the held-out evaluation of every round's model uses it too.
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def __call__(self, model_path: Path) -> dict[str, float]:
+        import numpy as np
+        import torch
+
         import codec
-        from client_agent.agent import load_arrays
         from client_agent.training import evaluate
         from model import build_model
 
         m = self.config.model
         net = build_model(m.architecture, in_channels=m.in_channels, out_channels=m.out_channels,
                           img_size=m.img_size, **dict(m.options))
-        load_arrays(net, codec.load_tensors(model_path))
-        scores = evaluate(net, self.dataset, device="cpu", num_classes=m.out_channels)
-        return {k: float(scores[k]) for k in ("dice", "iou", "hd95", "precision", "recall")}
+        arrays = codec.load_tensors(model_path)
+        if set(arrays) != set(net.state_dict()):
+            raise ValueError(f"{model_path}: its tensors differ from the configured {m.architecture}'s: "
+                             f"{sorted(set(arrays) ^ set(net.state_dict()))[:5]}")
+        net.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        scores = evaluate(net, self.dataset, device=self.device, num_classes=m.out_channels,
+                          region_fn=self.region_fn)
+        out = {k: float(scores[k]) for k in METRICS}
+        for region, values in scores.get("regions", {}).items():
+            out.update({f"{region}/{k}": float(values[k]) for k in METRICS if k in values})
+        return out
+
+
+METRICS = ("dice", "iou", "hd95", "precision", "recall")
 
 
 def run_simulation(
@@ -302,8 +365,18 @@ def run_simulation(
     fresh: bool = True,
     extra_agent_args: Mapping[str, list[str]] | None = None,
     timeout_s: float = 3600,
+    resume_rows: Sequence[RoundRow] = (),
+    stop_after_s: float | None = None,
 ) -> SimulationResult:
-    """Run a federation to its end and return one row per round (also printed as they close)."""
+    """Run a federation to its end and return one row per round (also printed as they close).
+
+    To run a long federation in parts: ``stop_after_s`` stops every process after the first round
+    that closes past that many seconds (``result.finished`` is then False); a later call with
+    ``fresh=False`` and the rows returned so far as ``resume_rows`` restarts the aggregator on its
+    store and the agents on their states, and goes on from the next round.
+    """
+    if resume_rows and fresh:
+        raise ValueError("resume_rows needs fresh=False: resuming keeps the store and the site states")
     from client_agent.transport import AggregatorClient
     from experiments.sitedata import describe, generate_federation
     from protos.fedsegnet.v1 import aggregator_pb2 as pb
@@ -331,8 +404,8 @@ def run_simulation(
     procs = _Processes(workdir / "logs")
     port_file = workdir / "aggregator.port"
     port_file.unlink(missing_ok=True)
-    result = SimulationResult(workdir=workdir)
-    evaluator = GlobalEvaluator(federation, data.test_dir, workdir / "cache" / "test")
+    result = SimulationResult(workdir=workdir, rows=list(resume_rows))
+    evaluator = GlobalEvaluator(federation, data.test_dir, workdir / "cache" / "test", task=sim.task)
     try:
         aggregator = procs.start("aggregator", [
             sys.executable, "-m", "aggregator_service.server", "--config", str(workdir / "federation.toml"),
@@ -343,13 +416,13 @@ def run_simulation(
         target = f"127.0.0.1:{port}"
         stream.write(f"aggregator serving on {target} (store {store})\n")
         agents = []
-        for site, site_dir in zip(federation.sites, site_dirs, strict=True):
+        for index, (site, site_dir) in enumerate(zip(federation.sites, site_dirs, strict=True)):
             name = f"agent-{site}"
             procs.start(name, [
-                sys.executable, "-m", "client_agent.cli", "--data", str(site_dir), "--aggregator", target,
+                *agent_argv(sim, index), "--data", str(site_dir), "--aggregator", target,
                 "--site", site, "--state-dir", str(workdir / "states" / site),
                 "--cache-dir", str(workdir / "cache" / site), "--log-format", "json",
-                *(extra_agent_args or {}).get(site, []),
+                *task_agent_args(sim.task), *(extra_agent_args or {}).get(site, []),
             ], env)
             agents.append(name)
         stream.write(f"{len(agents)} client agents started; logs in {procs.logdir}\n\n")
@@ -358,7 +431,7 @@ def run_simulation(
         dense_model_bytes = _dense_bytes(initial)
         header = _table_header(federation.sites)
         stream.write(header + "\n" + "|" + "---|" * (header.count("|") - 1) + "\n")
-        reported = 0
+        reported = len(resume_rows)
         last = time.monotonic()
         while True:
             procs.check(["aggregator", *agents])
@@ -379,6 +452,7 @@ def run_simulation(
                     seconds=now - last,
                     train_loss=metrics.aggregate.train_loss,
                     dense_bytes_up=len(metrics.sites) * dense_model_bytes,
+                    update_norms={s.site: s.update_norm for s in metrics.sites},
                 )
                 last = now
                 result.rows.append(row)
@@ -387,13 +461,18 @@ def run_simulation(
                 stream.flush()
             if status.round.state == pb.ROUND_STATE_FINISHED and reported >= status.rounds_completed:
                 break
+            if stop_after_s is not None and time.monotonic() - started > stop_after_s and reported > len(resume_rows):
+                result.finished = False
+                stream.write(f"stopping after round {reported} (time limit of {stop_after_s:.0f}s)\n")
+                break
             if time.monotonic() - started > timeout_s:
                 raise RuntimeError(f"the simulation did not finish within {timeout_s:.0f}s")
             time.sleep(0.5)
         client.close()
-        for name in agents:
-            procs.procs[name].wait(timeout=60)
-        procs.check(agents)
+        if result.finished:
+            for name in agents:
+                procs.procs[name].wait(timeout=60)
+            procs.check(agents)
     finally:
         procs.stop_all()
     result.seconds = time.monotonic() - started

@@ -1,7 +1,9 @@
 """Tests of the Adaptive Aggregation Mechanism (aggregator_service/aam.py).
 
-Hand-computed cases use the default constants unless a test says otherwise:
-T_dice = 0.1, T_hd95 = 1, h0 = 1 mm, quality in [0.25, 4], c = 2, p = 2, L = 10, no cap.
+Hand-computed cases of the quality formula use ``SYMMETRIC`` (quality in [0.25, 4], no
+tolerances: every Dice/HD95 difference counts, both ways), so the arithmetic stays readable; the
+defaults (penalty only, Dice tolerance 0.1, HD95 tolerance 0.5) have their own cases below.
+Otherwise: T_dice = 0.1, T_hd95 = 1, h0 = 1 mm, c = 2, p = 2, L = 10, no cap.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from aggregator_service.aam import (
 from aggregator_service.aggregation import fedavg_weights
 
 E = math.e
+SYMMETRIC = AAMConfig(quality_ceiling=4.0, dice_tolerance=0.0, hd95_tolerance=0.0)
 
 
 def site(
@@ -57,7 +60,7 @@ def test_dice_above_and_below_median() -> None:
     # Sum = 0.3678794 + 1 + 2.7182818 = 4.0861613 -> 0.0900306, 0.2447285, 0.6652410.
     stats = [site("a", dice=0.7), site("b", dice=0.8), site("c", dice=0.9)]
 
-    weights = aam_weights(stats).weights
+    weights = aam_weights(stats, SYMMETRIC).weights
 
     expected = np.array([1 / E, 1.0, E]) / (1 / E + 1.0 + E)
     np.testing.assert_allclose(weights, expected, rtol=1e-12)
@@ -69,7 +72,7 @@ def test_sample_counts_and_quality_multiply() -> None:
     # raw = 10e = 27.18282, 30, 60; total 117.18282 -> 0.2319693, 0.2560102, 0.5120205.
     stats = [site("a", 10, dice=0.9), site("b", 30), site("c", 60)]
 
-    weights = aam_weights(stats).weights
+    weights = aam_weights(stats, SYMMETRIC).weights
 
     np.testing.assert_allclose(weights, np.array([10 * E, 30, 60]) / (10 * E + 90), rtol=1e-12)
     np.testing.assert_allclose(weights, [0.2319693, 0.2560102, 0.5120205], atol=1e-7)
@@ -87,7 +90,7 @@ def test_sample_counts_and_quality_multiply() -> None:
 def test_quality_is_clipped_to_floor_and_ceiling(dices: list[float], expected: list[float]) -> None:
     stats = [site(name, dice=d) for name, d in zip("abc", dices)]
 
-    weights = aam_weights(stats).weights
+    weights = aam_weights(stats, SYMMETRIC).weights
 
     np.testing.assert_allclose(weights, expected, rtol=1e-12)
 
@@ -106,7 +109,7 @@ def test_quality_is_clipped_to_floor_and_ceiling(dices: list[float], expected: l
 def test_hd95_relative_to_median(hd95s: list[float], expected: list[float]) -> None:
     stats = [site(name, dice=None, hd95=h) for name, h in zip("abc", hd95s)]
 
-    weights = aam_weights(stats).weights
+    weights = aam_weights(stats, SYMMETRIC).weights
 
     np.testing.assert_allclose(weights, expected, rtol=1e-12)
 
@@ -178,7 +181,7 @@ def test_missing_metrics_are_neutral() -> None:
     # Site a reports nothing; b and c have Dice 0.7 and 0.9 -> median 0.8, q = 1 (a), e^-1, e.
     stats = [site("a", dice=None, hd95=None), site("b", dice=0.7), site("c", dice=0.9)]
 
-    weights = aam_weights(stats).weights
+    weights = aam_weights(stats, SYMMETRIC).weights
 
     np.testing.assert_allclose(weights, np.array([1.0, 1 / E, E]) / (1 + 1 / E + E), rtol=1e-12)
 
@@ -276,7 +279,7 @@ def test_factors_report_every_term() -> None:
     # n = 1, 1, 2; c has Dice 0.9 (term +1, q = e) and norm 4 (ratio 4, d = 0.25).
     stats = [site("a"), site("b"), site("c", 2, dice=0.9, norm=4.0)]
 
-    result = aam_weights(stats)
+    result = aam_weights(stats, SYMMETRIC)
 
     assert [f["site"] for f in result.factors] == ["a", "b", "c"]
     c = result.factors[2]
@@ -292,6 +295,56 @@ def test_factors_report_every_term() -> None:
     assert c["weight"] == c["uncapped_weight"]
     assert c["capped"] is False and c["excluded"] is None
     assert result.references == {"dice": 0.8, "hd95": 5.0, "update_norm": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("dices", "expected_quality"),
+    [
+        # Median 0.8. 0.75 is within the 0.1 tolerance -> 1; 1.0 is better -> no reward, 1.
+        ([0.75, 0.8, 1.0], [1.0, 1.0, 1.0]),
+        # 0.6 is 0.2 below: 0.1 beyond the tolerance -> term -1 -> q = e^-1.
+        ([0.6, 0.8, 0.9], [1 / E, 1.0, 1.0]),
+        # 0.2 is 0.6 below: term -5 -> clipped to the floor 0.25.
+        ([0.2, 0.8, 0.8], [0.25, 1.0, 1.0]),
+    ],
+)
+def test_default_quality_only_penalises_beyond_the_tolerance(
+    dices: list[float], expected_quality: list[float]
+) -> None:
+    stats = [site(name, dice=d) for name, d in zip("abc", dices)]
+
+    result = aam_weights(stats)
+
+    np.testing.assert_allclose([f["quality"] for f in result.factors], expected_quality, rtol=1e-12)
+    np.testing.assert_allclose(result.weights, np.array(expected_quality) / sum(expected_quality), rtol=1e-12)
+
+
+def test_default_hd95_tolerance() -> None:
+    # Median HD95 1 mm (offset 1). 2 mm: ln(3/2) = 0.405 < 0.5 -> 1. 9 mm: ln(10/2) = 1.609,
+    # 1.109 beyond the tolerance -> q = e^-1.109 = 0.3298.
+    stats = [site("a", dice=None, hd95=1.0), site("b", dice=None, hd95=2.0), site("c", dice=None, hd95=9.0),
+             site("d", dice=None, hd95=0.0), site("e", dice=None, hd95=1.0)]
+
+    qualities = [f["quality"] for f in aam_weights(stats).factors]
+
+    np.testing.assert_allclose(qualities, [1.0, 1.0, math.exp(0.5 - math.log(5.0)), 1.0, 1.0], rtol=1e-12)
+
+
+def test_the_best_site_never_gets_more_than_its_fedavg_share() -> None:
+    # The measured runaway (results/README.md): site-3 had the best local Dice by far because the
+    # global model had drifted towards it. With the defaults it keeps its FedAvg share; the worst
+    # site, 0.135 below the median, loses a little (term -0.35 -> q = 0.705).
+    stats = [site("site-1", 6, dice=0.341), site("site-2", 4, dice=0.206), site("site-3", 8, dice=0.757)]
+
+    result = aam_weights(stats)
+
+    shares = np.array([6, 4, 8]) / 18
+    assert result.weights[2] <= shares[2] * (1 + 1e-12) + (shares[1] - result.weights[1])
+    np.testing.assert_allclose([f["quality"] for f in result.factors], [1.0, math.exp(-0.35), 1.0], rtol=1e-9)
+    np.testing.assert_allclose(result.weights, np.array([6, 4 * math.exp(-0.35), 8]) / (14 + 4 * math.exp(-0.35)),
+                               rtol=1e-9)
+    # The symmetric variant hands the same round's best site most of the weight.
+    assert aam_weights(stats, SYMMETRIC).weights[2] > 0.8
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -331,6 +384,9 @@ def test_site_stats_validation(kwargs: dict[str, object], message: str) -> None:
         ({"hd95_offset_mm": -1.0}, "hd95_offset_mm must be a finite number > 0"),
         ({"divergence_power": 0.0}, "divergence_power must be a finite number > 0"),
         ({"quality_floor": 0.0}, r"quality_floor must be in \(0, 1\], got 0.0"),
+        ({"quality_ceiling": 0.5}, "quality_ceiling must be a finite number >= 1, got 0.5"),
+        ({"dice_tolerance": -0.1}, "dice_tolerance must be a finite number >= 0, got -0.1"),
+        ({"hd95_tolerance": math.nan}, "hd95_tolerance must be a finite number >= 0"),
         ({"divergence_tolerance": 0.5}, "divergence_tolerance must be >= 1"),
         ({"divergence_hard_limit": 2.0}, "divergence_hard_limit must be > divergence_tolerance"),
     ],

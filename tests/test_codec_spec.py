@@ -24,8 +24,8 @@ def test_defaults_are_lossless_dense_zstd3():
     assert (spec.block_size, spec.stochastic_rounding, spec.zstd_level, spec.seed) == (256, False, 3, 0)
 
 
-def test_the_model_spec_is_the_default_at_zstd_level_1():
-    assert LOSSLESS == CodecSpec(zstd_level=1)
+def test_the_model_spec_is_the_default_without_zstd():
+    assert LOSSLESS == CodecSpec(zstd_level=0)
     assert LOSSLESS.lossless and not LOSSLESS.sparse
 
 
