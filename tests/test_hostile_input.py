@@ -58,7 +58,8 @@ def served(tmp_path: Path) -> Iterator[Served]:
 
 def c_frames() -> list[bytes]:
     """Site c's honest round-1 frames: w, b, big part 1/2, big part 2/2."""
-    frames = frames_of(delta("c", 1, INITIAL))
+    # zstd level 3 (codec.LOSSLESS has none), so the zstd attacks below have a zstd stage to forge.
+    frames = frames_of(delta("c", 1, INITIAL), codec.CodecSpec(zstd_level=3))
     assert [codec.read_header(f).name for f in frames] == ["w", "b", "big", "big"]
     return frames
 
