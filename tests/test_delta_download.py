@@ -235,14 +235,20 @@ def test_bytes_out_and_the_rounds_reported_bytes_count_what_was_sent(sparse_fede
     assert [fed.round_metrics(r).sites[0].bytes_downloaded for r in (1, 2)] == [sent[1], sent[2]]
 
 
-def test_a_site_holding_an_older_round_gets_a_delta_across_rounds(sparse_federation, tmp_path):
-    fed = sparse_federation[0]
-    base = HeldModel(1, fed.store.model_path(1), rounds.read_manifest(fed.store, 1)["digest"])
+def download_holding(fed, held_round: int, round_id: int, dest: Path):
+    """Download ``round_id`` as site-a holding the store's own (intact) model of ``held_round``."""
+    base = HeldModel(held_round, fed.store.model_path(held_round),
+                     rounds.read_manifest(fed.store, held_round)["digest"])
     client = AggregatorClient(fed.target, backoff=FAST_RETRIES, seed=0)
     try:
-        got = client.download(3, "site-a", tmp_path / "m.frames", base=base)
+        return client.download(round_id, "site-a", dest, base=base)
     finally:
         client.close()
+
+
+def test_a_site_holding_an_older_round_gets_a_delta_across_rounds(sparse_federation, tmp_path):
+    fed = sparse_federation[0]
+    got = download_holding(fed, 1, 3, tmp_path / "m.frames")
 
     assert got.delta_from_round == 1
     assert (tmp_path / "m.frames").read_bytes() == fed.store.model_path(3).read_bytes()
@@ -308,12 +314,7 @@ def test_a_damaged_delta_cache_is_recomputed_and_still_rebuilds_the_model(sparse
     frames, _ = downloads.delta_paths(fed.store, 2, 3)
     good = frames.read_bytes()
     frames.write_bytes(good[: len(good) // 2])
-    base = HeldModel(2, fed.store.model_path(2), rounds.read_manifest(fed.store, 2)["digest"])
-    client = AggregatorClient(fed.target, backoff=FAST_RETRIES, seed=0)
-    try:
-        got = client.download(3, "site-a", tmp_path / "m.frames", base=base)
-    finally:
-        client.close()
+    got = download_holding(fed, 2, 3, tmp_path / "m.frames")
 
     assert got.delta_from_round == 2
     assert (tmp_path / "m.frames").read_bytes() == fed.store.model_path(3).read_bytes()
