@@ -385,14 +385,18 @@ def load_average() -> float:
         return float("nan")
 
 
-def machine_line() -> str:
-    """Cores, CPU model, GPU (none expected here), Python and today's date, for the report."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """Cores, CPU model, GPU (none expected here), Python and today's date, for the report."""
+    cpu = cpu_model()
     mem = ""
     with contextlib.suppress(OSError, ValueError, IndexError):
         total_kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])

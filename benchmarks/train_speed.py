@@ -45,7 +45,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -57,8 +56,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
 
 import torch  # noqa: E402
+from _common import cpu_model, load_average  # noqa: E402
 
 from model import DiceCELoss, build_model  # noqa: E402
 
@@ -102,21 +103,9 @@ def _peak_rss_bytes() -> int | None:
     return None
 
 
-def _load_average() -> float:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-
-
 def machine_line(device: torch.device) -> str:
     """Cores, CPU model, the device used, torch version and today's date."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return (
         f"{os.cpu_count()} cores ({cpu}), device {dev}, torch {torch.__version__}, "
@@ -249,7 +238,7 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "amp": "bf16" if args.amp and device.type == "cuda" else "fp32",
         "warmup": args.warmup,
         "steps": args.steps,
-        "load_average": _load_average(),
+        "load_average": load_average(),
         "models": results,
         "ratio_vs_unetr": _ratio(ours, results.get("unetr")),
         "ratio_vs_swinunetr": _ratio(ours, results.get("swin_unetr")),
@@ -349,7 +338,7 @@ def run_dice(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "lr": args.dice_lr,
         "train_cases": len(train_set),
         "test_cases": len(test_set),
-        "load_average": _load_average(),
+        "load_average": load_average(),
         "models": results,
         "dice": {k: v["dice"] for k, v in results.items() if "dice" in v},
         "dice_minus_unetr": diff("unetr"),

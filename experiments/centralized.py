@@ -470,6 +470,7 @@ def _federation_model_config(config_path: Path) -> Any:
 def _load_frames(path: Path, config_path: Path | None) -> tuple[nn.Module, str, dict[str, Any]]:
     import codec
     from model import build_model
+    from model.checkpoint import check_state_dict
 
     if config_path is None:
         raise ValueError(
@@ -478,21 +479,15 @@ def _load_frames(path: Path, config_path: Path | None) -> tuple[nn.Module, str, 
         )
     m = _federation_model_config(config_path)
     config = {"in_channels": m.in_channels, "out_channels": m.out_channels, "img_size": list(m.img_size), **dict(m.options)}
-    net = build_model(m.architecture, **config)
     arrays = codec.load_tensors(path)
-    state = net.state_dict()
-    missing, unexpected = sorted(set(state) - set(arrays)), sorted(set(arrays) - set(state))
-    if missing or unexpected:
+    try:
+        check_state_dict(m.architecture, config, arrays)
+    except ValueError as exc:
         raise ValueError(
-            f"{path} does not fit the [model] of {config_path} ({m.architecture}): missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}; is it the same federation's model?"
-        )
-    for name, tensor in state.items():
-        if tuple(arrays[name].shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"{path}: tensor {name!r} has shape {tuple(arrays[name].shape)}, the [model] of {config_path} "
-                f"expects {tuple(tensor.shape)}"
-            )
+            f"{path} does not fit the [model] of {config_path}: {exc}; is it the same federation's model?"
+        ) from None
+    net = build_model(m.architecture, **config)
+    state = net.state_dict()
     net.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(arrays[k])).to(state[k].dtype) for k in state})
     return net, m.architecture, config
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from model.registry import build_model
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "check_state_dict", "save_checkpoint", "load_checkpoint"]
 
 CHECKPOINT_FORMAT = "fedsegnet-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -50,9 +50,11 @@ def _check_config(config: Mapping[str, Any]) -> None:
         )
 
 
-def _check_matches(architecture: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
-    # Rebuild the network now, to catch at save time a config that would rebuild a different network
-    # than the weights belong to. The meta device costs no memory or compute; a constructor that
+def check_state_dict(architecture: str, config: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the first difference if ``state`` (name -> tensor or array, anything
+    with ``.shape``) is not the state dict of ``build_model(architecture, **config)``."""
+    # Rebuild the network to compare against (at save time: catches a config that would rebuild a
+    # different network than the weights belong to; experiments check loaded .frames models). The meta device costs no memory or compute; a constructor that
     # needs real values (SwinUNETR calls .item()) is built on the CPU instead.
     try:
         with torch.device("meta"):
@@ -128,7 +130,7 @@ def save_checkpoint(
         raise ValueError(f"state_dict entries must be tensors; not tensors: {bad[:5]}")
     _check_config(config)
     meta = _to_json("config/extra", {"architecture": architecture, "config": dict(config), "extra": dict(extra or {})})
-    _check_matches(architecture, config, state)
+    check_state_dict(architecture, config, state)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
