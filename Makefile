@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/fedseg simulate --workdir runs/demo
+	$(BIN)/fedseg simulate --config experiments/configs/demo-fedsegnet.toml --workdir runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -21,7 +21,11 @@ Example (every key optional; the defaults are below)::
 
     [training]
     local_epochs = 1
+    optimizer = "adam"       # adam | sgd (sgd's updates suit a top-k codec far better)
     learning_rate = 1e-4
+    momentum = 0.0           # sgd only, in [0, 1)
+    lr_schedule = "constant" # constant | cosine: round r trains with the rate the aggregator sends
+    final_learning_rate = 0.0  # cosine: the rate it anneals towards by the last round
     batch_size = 2
     fedprox_mu = 0.0
     lambda_dice = 0.5
@@ -44,6 +48,7 @@ Example (every key optional; the defaults are below)::
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -51,6 +56,11 @@ from typing import Any, Mapping
 
 from aggregator_service.aggregation import StrategyConfig
 from codec import CodecSpec
+
+# The local optimizers a site can run (client_agent.training.make_optimizer builds them; the
+# aggregator does not import torch, so the names are repeated here and a test keeps them equal).
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -94,18 +104,52 @@ class TrainingSettings:
     fedprox_mu: float = 0.0
     lambda_dice: float = 0.5
     seed: int = 0
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    lr_schedule: str = "constant"
+    final_learning_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:
             raise ConfigError(f"training.local_epochs must be >= 1, got {self.local_epochs}")
         if not self.learning_rate > 0:
             raise ConfigError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"training.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"training.momentum must be in [0, 1), got {self.momentum}")
+        if self.momentum and self.optimizer != "sgd":
+            raise ConfigError(
+                f"training.momentum applies to optimizer 'sgd' only, got momentum={self.momentum} with {self.optimizer!r}"
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"training.lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.final_learning_rate <= self.learning_rate:
+            raise ConfigError(
+                f"training.final_learning_rate must be in [0, learning_rate = {self.learning_rate}], "
+                f"got {self.final_learning_rate}"
+            )
         if self.batch_size < 1:
             raise ConfigError(f"training.batch_size must be >= 1, got {self.batch_size}")
         if self.fedprox_mu < 0:
             raise ConfigError(f"training.fedprox_mu must be >= 0, got {self.fedprox_mu}")
         if not 0.0 <= self.lambda_dice <= 1.0:
             raise ConfigError(f"training.lambda_dice must be in [0, 1], got {self.lambda_dice}")
+
+    def learning_rate_at(self, round_id: int, rounds: int) -> float:
+        """The learning rate sites train round ``round_id`` (1-based) of ``rounds`` with.
+
+        ``cosine`` anneals from ``learning_rate`` in round 1 towards ``final_learning_rate``:
+        ``final + (lr - final) * (1 + cos(pi * (r - 1) / rounds)) / 2``, so the last round still
+        trains (a little above ``final``). The aggregator computes it from the round number alone
+        and sends it in the round's ``TrainingConfig``: it keeps no state, and a site resuming a
+        round gets the same rate.
+        """
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        r = min(max(round_id, 1), max(rounds, 1))
+        cosine = (1.0 + math.cos(math.pi * (r - 1) / max(rounds, 1))) / 2.0
+        return self.final_learning_rate + (self.learning_rate - self.final_learning_rate) * cosine
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ def timestamp(seconds: float) -> Timestamp:
     return ts
 
 
-def training_config_to_proto(config: FederationConfig) -> pb.TrainingConfig:
+def training_config_to_proto(config: FederationConfig, round_id: int = 1) -> pb.TrainingConfig:
+    """What sites train round ``round_id`` with (the learning rate follows ``training.lr_schedule``)."""
     t, m = config.training, config.model
     return pb.TrainingConfig(
         model=pb.ModelSpec(
@@ -32,12 +33,14 @@ def training_config_to_proto(config: FederationConfig) -> pb.TrainingConfig:
             options_json=json.dumps(dict(m.options), sort_keys=True),
         ),
         local_epochs=t.local_epochs,
-        learning_rate=t.learning_rate,
+        learning_rate=t.learning_rate_at(round_id, config.rounds),
         batch_size=t.batch_size,
         fedprox_mu=t.fedprox_mu,
         lambda_dice=t.lambda_dice,
         codec=pb.CodecSpec(**config.codec.to_fields()),
         seed=t.seed,
+        optimizer=t.optimizer,
+        momentum=t.momentum,
     )
 
 
@@ -49,7 +52,7 @@ def round_to_proto(view: RoundView, config: FederationConfig) -> pb.Round:
         min_clients=view.min_clients,
         max_clients=view.max_clients,
         total_rounds=view.total_rounds,
-        config=training_config_to_proto(config),
+        config=training_config_to_proto(config, view.round_id),
         global_model_digest=view.global_model_digest,
         submitted_sites=list(view.submitted_sites),
     )

@@ -1,6 +1,6 @@
 """Local training and evaluation on a site's data.
 
-``train_local`` runs real Adam steps on the site's loader (bf16 autocast on CUDA when asked, fp32
+``train_local`` runs real Adam or SGD steps on the site's loader (bf16 autocast on CUDA when asked, fp32
 otherwise), optionally with the FedProx proximal term, and refuses to return a model whose loss or
 weights went non-finite. ``evaluate`` predicts every validation volume whole (volumes are already
 on the fixed grid) and averages :func:`model.segmentation_metrics` over cases with each case's
@@ -123,7 +123,7 @@ class EpochProgress:
 
 @dataclass
 class TrainResult:
-    """What a local training run did. ``optimizer_state`` is Adam's, to resume from next round."""
+    """What a local training run did. ``optimizer_state`` is the optimizer's, to resume from next round."""
 
     epoch_losses: list[float]
     steps: int
@@ -173,6 +173,35 @@ def _proximal_term(pairs: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> torc
     return torch.stack([(p - g).pow(2).sum() for p, g in pairs]).sum()
 
 
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer(
+    name: str, params: Iterable[torch.nn.Parameter], *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """The local optimizer a round's ``TrainingConfig.optimizer`` names.
+
+    ``"adam"`` (the default, and what an empty name means): steps of about ``lr`` in every entry
+    whatever its gradient, which trains fast but gives round updates whose energy is spread over
+    all entries, so a top-1% codec sends ~10% of it (measured in ``results/README.md``).
+    ``"sgd"`` (heavy-ball ``momentum`` in [0, 1)): updates are sums of gradients, whose energy sits
+    in few entries (a top-1% codec sends 70-99% of it), so error feedback has little to carry.
+    """
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if name in ("", "adam"):
+        if momentum:
+            raise ValueError(f"momentum applies to optimizer 'sgd' only, got momentum={momentum} with 'adam'")
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    # A TrainingError, not a ValueError: the name comes from the aggregator, and an agent that cannot
+    # run it skips the round with this reason instead of stopping.
+    raise TrainingError(f"unknown optimizer {name!r}; this site runs {list(OPTIMIZERS)} (upgrade the client agent?)")
+
+
 def train_local(
     model: nn.Module,
     loader: Iterable[Mapping[str, Any]],
@@ -188,17 +217,21 @@ def train_local(
     weight_decay: float = 0.0,
     max_grad_norm: float | None = None,
     progress: Callable[[EpochProgress], None] | None = None,
+    optimizer: str = "adam",
+    momentum: float = 0.0,
 ) -> TrainResult:
-    """Train ``model`` in place for ``epochs`` passes over ``loader`` with Adam.
+    """Train ``model`` in place for ``epochs`` passes over ``loader`` with ``optimizer``
+    (:func:`make_optimizer`: ``"adam"`` or ``"sgd"`` with ``momentum``).
 
     ``loss_fn(logits (B, K, D, H, W), label (B, 1, D, H, W) int64) -> scalar``. With
     ``fedprox_mu > 0`` the loss gains ``mu / 2 * ||w - w_global||^2`` over the trainable
     parameters; ``global_params`` (name -> tensor) defaults to the weights the model holds when
-    training starts, i.e. the global model just downloaded. ``optimizer_state`` resumes Adam's
-    moments from an earlier round. ``amp`` turns on bf16 autocast on CUDA and is ignored on CPU.
+    training starts, i.e. the global model just downloaded. ``optimizer_state`` resumes the
+    optimizer's state (Adam's moments, SGD's momentum buffers) from an earlier round. ``amp`` turns
+    on bf16 autocast on CUDA and is ignored on CPU.
 
     Raises :class:`TrainingError` naming the epoch and step when the loss or, at the end, any
-    weight is non-finite: such a model must never be uploaded.
+    weight is non-finite (such a model must never be uploaded), or for an unknown optimizer.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -211,15 +244,17 @@ def train_local(
     device = torch.device(device)
     model.to(device)
     model.train()
-    optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    optimizer_name = optimizer
+    optimizer = make_optimizer(
+        optimizer_name, [p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum,
+        weight_decay=weight_decay,
     )
     if optimizer_state:
         try:
             optimizer.load_state_dict(dict(optimizer_state))
         except (ValueError, KeyError) as exc:
             # A changed architecture makes old moments meaningless: start afresh rather than fail the round.
-            logger.warning("optimizer state does not fit this model (%s); starting Adam afresh", exc)
+            logger.warning("optimizer state does not fit this model (%s); starting %s afresh", exc, optimizer_name)
         for group in optimizer.param_groups:
             group["lr"] = lr  # the round's configuration wins over the saved state
     prox_pairs = _prepare_global(model, global_params, device) if fedprox_mu > 0 else []

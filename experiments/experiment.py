@@ -41,6 +41,16 @@ COMPRESSED = {"top_k_fraction": 0.01, "quantization": "int8", "zstd_level": 3}
 TOP10 = {"top_k_fraction": 0.1, "quantization": "int8", "zstd_level": 3}
 DENSE = {"top_k_fraction": 1.0, "quantization": "fp32", "zstd_level": 3}
 TOP2_INT4 = {"top_k_fraction": 0.02, "quantization": "int4", "zstd_level": 3}
+# The top 1% of the whole update rather than of each tensor: an SGD update's energy sits in a few
+# tensors, where per-tensor top-1% sends about a fifth of it (benchmarks/update_energy.py).
+COMPRESSED_GLOBAL = {"top_k_fraction": 0.01, "top_k_scope": "global", "quantization": "int8", "zstd_level": 3}
+# FedSegNet's sites train with SGD: its round updates are sums of gradients, whose energy sits in
+# few entries (the largest 1% hold 70-99% of it), where Adam moves every entry by about lr and the
+# largest 1% hold 2-13% (benchmarks/update_energy.py on these data; results/README.md). The learning rate is SGD's own; at a
+# constant 0.1 the global Dice swings by up to 0.3 between rounds late in a run (and dense FedAvg's
+# alternates every round), so it anneals to 0.01 over the run.
+SGD_LOCAL = {"optimizer": "sgd", "momentum": 0.9, "learning_rate": 0.1, "lr_schedule": "cosine",
+             "final_learning_rate": 0.01}
 SCALED_FAULT = {"faulty_site": 3, "fault": "scaled_update", "update_scale": 10.0}
 FLIPPED_FAULT = {"faulty_site": 3, "fault": "scaled_update", "update_scale": -5.0}
 
@@ -63,23 +73,30 @@ METHODS: dict[str, Method] = {
                                                         "drop": ["num_transformer_layers", "num_heads"]}},
          "aggregation": {"strategy": "fedavg"}, "codec": DENSE},
     ),
-    "fedsegnet": Method("FedSegNet (Transformer U-Net + AAM + top-1% int8)",
-                        {"aggregation": {"strategy": "aam"}, "codec": COMPRESSED}),
+    "fedsegnet": Method("FedSegNet (Transformer U-Net + AAM + global top-1% int8 + local SGD)",
+                        {"aggregation": {"strategy": "aam"}, "codec": COMPRESSED_GLOBAL, "training": SGD_LOCAL}),
+    "fedsegnet_tensor": Method("FedSegNet, per-tensor top-1% int8 (Transformer U-Net + AAM + local SGD)",
+                               {"aggregation": {"strategy": "aam"}, "codec": COMPRESSED, "training": SGD_LOCAL}),
+    "fedsegnet_adam": Method("FedSegNet with local Adam, per-tensor top-1% int8 (Transformer U-Net + AAM)",
+                             {"aggregation": {"strategy": "aam"}, "codec": COMPRESSED}),
+    "centralized_sgd": Method("Centralized (pooled data, Transformer U-Net), SGD",
+                              {"simulation": {"pool_sites": True}, "training": SGD_LOCAL}),
     "fedavg_top2_int4": Method("FedAvg, top-2% int4", {"aggregation": {"strategy": "fedavg"}, "codec": TOP2_INT4}),
-    "fedsegnet_top2_int4": Method("FedSegNet, top-2% int4 (Transformer U-Net + AAM)",
+    # Measured before FedSegNet's sites trained with SGD (results/README.md, targets-long-30).
+    "fedsegnet_top2_int4": Method("FedSegNet with local Adam, top-2% int4 (Transformer U-Net + AAM)",
                                   {"aggregation": {"strategy": "aam"}, "codec": TOP2_INT4}),
     # AAM without its quality factor (divergence only): the site with the best self-reported Dice
     # is not favoured, which matters when that site's data differ most from the others'.
     "fedsegnet_top2_int4_divergence_only": Method(
-        "FedSegNet, top-2% int4, AAM divergence only (quality_floor = 1)",
+        "FedSegNet with local Adam, top-2% int4, AAM divergence only (quality_floor = 1)",
         {"aggregation": {"strategy": "aam", "aam": {"quality_floor": 1.0}}, "codec": TOP2_INT4}),
     "fedsegnet_no_transformer": Method(
         "FedSegNet without the transformer",
         {"model": {"architecture": "cnn_unet", "options": {"drop": ["num_transformer_layers", "num_heads"]}},
-         "aggregation": {"strategy": "aam"}, "codec": COMPRESSED},
+         "aggregation": {"strategy": "aam"}, "codec": COMPRESSED_GLOBAL, "training": SGD_LOCAL},
     ),
     "fedsegnet_no_aam": Method("FedSegNet without AAM (FedAvg)",
-                               {"aggregation": {"strategy": "fedavg"}, "codec": COMPRESSED}),
+                               {"aggregation": {"strategy": "fedavg"}, "codec": COMPRESSED_GLOBAL, "training": SGD_LOCAL}),
     # Dense updates, so that the comparison isolates the aggregation rule.
     "faulty_fedavg": Method("Faulty site (noisy labels), FedAvg",
                             {"simulation": {"faulty_site": 3}, "aggregation": {"strategy": "fedavg"}, "codec": DENSE}),
@@ -103,9 +120,10 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "faulty-site": ("faulty_fedavg", "faulty_aam", "faulty_scaled_fedavg", "faulty_scaled_aam",
                     "faulty_flipped_fedavg", "faulty_flipped_aam"),
     "compression": ("fedavg_dense", "fedavg_top10", "fedavg_compressed"),
-    # The issue's two numeric targets side by side: Dice against centralized, bytes against dense.
-    # fedavg_top2_int4 separates what the codec costs from what AAM's weighting does.
-    "targets": ("centralized", "fedavg_dense", "fedsegnet", "fedsegnet_top2_int4", "fedavg_top2_int4"),
+    # The issue's two numeric targets side by side: Dice against centralized (trained with either
+    # optimizer: the better one is the bar), bytes against dense; fedsegnet_tensor and
+    # fedsegnet_adam isolate what the codec's top-k scope and the local optimizer each add.
+    "targets": ("centralized", "centralized_sgd", "fedavg_dense", "fedsegnet", "fedsegnet_tensor", "fedsegnet_adam"),
     "brats": ("centralized", "fedavg_dense", "fedsegnet"),
 }
 

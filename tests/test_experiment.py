@@ -116,6 +116,18 @@ def test_brats_experiment_runs_every_method_on_the_four_channel_task(method: str
     assert task_agent_args(sim.task) == ["--label-map", "brats_regions"]
 
 
+def test_make_demo_runs_what_table3_measures_as_fedsegnet() -> None:
+    # `make demo` shows FedSegNet: its configuration is table3's FedSegNet row at demo scale.
+    demo = tomllib.loads((Path(__file__).parents[1] / "experiments/configs/demo-fedsegnet.toml").read_text())
+    row = method_config(_demo_base(), "fedsegnet", "demo", "table3")
+
+    assert demo["federation"].pop("id") == "demo-fedsegnet"
+    row["federation"].pop("id")
+    assert demo == row
+    assert (demo["training"]["optimizer"], demo["codec"]["top_k_scope"], demo["aggregation"]["strategy"]) == (
+        "sgd", "global", "aam")
+
+
 def test_other_experiments_keep_the_tissue_task(tmp_path: Path) -> None:
     path = tmp_path / "sim.toml"
     path.write_text(dump_toml(method_config(_demo_base(), "fedsegnet", "demo", "table3")))

@@ -14,9 +14,11 @@ from torch import nn
 
 from client_agent.data import build_datasets, make_loader, regions_from_labels
 from client_agent.training import (
+    OPTIMIZERS,
     EpochProgress,
     TrainingError,
     evaluate,
+    make_optimizer,
     pick_device,
     seed_everything,
     train_local,
@@ -194,6 +196,77 @@ def test_bad_training_arguments_are_rejected(kwargs: dict, message: str) -> None
 
     with pytest.raises(ValueError, match=message):
         train_local(tiny_model(), synthetic_batches(2), **args)
+
+
+def top_share(before: dict[str, torch.Tensor], model: nn.Module, fraction: float) -> float:
+    """Share of the update's squared norm held by its largest ``fraction`` of entries."""
+    delta = torch.cat([(p.detach() - before[n]).flatten() for n, p in model.named_parameters()])
+    energy = torch.sort(delta.pow(2), descending=True).values
+    return float(energy[: math.ceil(fraction * energy.numel())].sum() / energy.sum())
+
+
+def test_sgd_with_momentum_reduces_the_loss() -> None:
+    model = tiny_model()
+    batches = synthetic_batches(4)
+
+    result = train_local(model, batches, epochs=6, lr=0.05, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss(),
+                         optimizer="sgd", momentum=0.9)
+
+    assert result.epoch_losses[-1] < 0.7 * result.epoch_losses[0]
+    assert all(isinstance(g, torch.optim.SGD) for g in [make_optimizer("sgd", model.parameters(), lr=0.1)])
+
+
+def test_sgd_updates_concentrate_where_a_top_k_codec_sends_them() -> None:
+    # Why "sgd" exists: Adam moves every entry by about lr whatever its gradient, so a round's update
+    # is spread over all entries and top-1% holds a few percent of it; SGD's is a sum of gradients.
+    batches = synthetic_batches(4)
+    shares = {}
+    for name, lr, momentum in (("adam", 2e-3, 0.0), ("sgd", 0.05, 0.9)):
+        model = tiny_model()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        train_local(model, batches, epochs=1, lr=lr, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss(),
+                    optimizer=name, momentum=momentum)
+        shares[name] = top_share(before, model, 0.01)
+
+    assert shares["adam"] < 0.1
+    assert shares["sgd"] > 0.5
+
+
+def test_sgd_momentum_buffers_carry_over_between_rounds() -> None:
+    model = tiny_model()
+    batches = synthetic_batches(2)
+    first = train_local(model, batches, epochs=1, lr=0.01, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss(),
+                        optimizer="sgd", momentum=0.9)
+    buffers = {k: v["momentum_buffer"].clone() for k, v in first.optimizer_state["state"].items()}
+
+    second = train_local(model, batches, epochs=1, lr=0.01, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss(),
+                         optimizer="sgd", momentum=0.9, optimizer_state=first.optimizer_state)
+
+    assert buffers and set(second.optimizer_state["state"]) == set(buffers)
+    assert any(not torch.equal(second.optimizer_state["state"][k]["momentum_buffer"], b) for k, b in buffers.items())
+
+
+def test_an_unknown_optimizer_is_a_training_error_naming_what_this_site_runs() -> None:
+    # TrainingError: the agent then skips the round with this reason instead of stopping.
+    with pytest.raises(TrainingError, match=r"unknown optimizer 'lamb'.*\['adam', 'sgd'\]"):
+        train_local(tiny_model(), synthetic_batches(2), epochs=1, lr=1e-3, device=CPU, amp=False,
+                    loss_fn=model_pkg.DiceCELoss(), optimizer="lamb")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [("adam", {"momentum": 0.9}, "momentum applies to optimizer 'sgd' only"), ("sgd", {"momentum": 1.0}, "momentum"),
+     ("sgd", {"lr": float("nan")}, "lr")],
+)
+def test_bad_optimizer_settings_are_rejected(name: str, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_optimizer(name, tiny_model().parameters(), **({"lr": 0.1} | kwargs))
+
+
+def test_the_aggregator_offers_the_optimizers_sites_run() -> None:
+    from aggregator_service.config import OPTIMIZERS as OFFERED
+
+    assert OFFERED == OPTIMIZERS
 
 
 # ---------------------------------------------------------------- evaluation

@@ -156,10 +156,12 @@ class TrainingConfig(_message.Message):
     LAMBDA_DICE_FIELD_NUMBER: _builtins.int
     CODEC_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    MOMENTUM_FIELD_NUMBER: _builtins.int
     local_epochs: _builtins.int
     """Local epochs per round."""
     learning_rate: _builtins.float
-    """Adam learning rate."""
+    """Learning rate of the local optimizer."""
     batch_size: _builtins.int
     """Volumes per batch."""
     fedprox_mu: _builtins.float
@@ -168,6 +170,13 @@ class TrainingConfig(_message.Message):
     """Weight of the Dice term in the Dice+CE loss, in [0, 1]."""
     seed: _builtins.int
     """Seed sites use for initialisation, shuffling and augmentation."""
+    optimizer: _builtins.str
+    """Local optimizer: "adam" (also when empty, as aggregators before this field sent) or "sgd".
+    SGD's round updates are gradient sums, whose energy sits in few entries, so a top-k codec
+    sends most of them; Adam's steps are about lr in every entry, which top-k sends poorly.
+    """
+    momentum: _builtins.float
+    """SGD momentum in [0, 1); ignored by Adam."""
     @_builtins.property
     def model(self) -> Global___ModelSpec:
         """The network to build; identical for every site of the federation."""
@@ -187,10 +196,12 @@ class TrainingConfig(_message.Message):
         lambda_dice: _builtins.float = ...,
         codec: Global___CodecSpec | None = ...,
         seed: _builtins.int = ...,
+        optimizer: _builtins.str = ...,
+        momentum: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "codec", b"codec", "fedprox_mu", b"fedprox_mu", "lambda_dice", b"lambda_dice", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "model", b"model", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "codec", b"codec", "fedprox_mu", b"fedprox_mu", "lambda_dice", b"lambda_dice", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "model", b"model", "momentum", b"momentum", "optimizer", b"optimizer", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
