@@ -44,6 +44,7 @@ TOP2_INT4 = {"top_k_fraction": 0.02, "quantization": "int4", "zstd_level": 3}
 # The top 1% of the whole update rather than of each tensor: an SGD update's energy sits in a few
 # tensors, where per-tensor top-1% sends about a fifth of it (benchmarks/update_energy.py).
 COMPRESSED_GLOBAL = {"top_k_fraction": 0.01, "top_k_scope": "global", "quantization": "int8", "zstd_level": 3}
+GLOBAL_TOP2_INT4 = {"top_k_fraction": 0.02, "top_k_scope": "global", "quantization": "int4", "zstd_level": 3}
 # FedSegNet's sites train with SGD: its round updates are sums of gradients, whose energy sits in
 # few entries (the largest 1% hold 70-99% of it), where Adam moves every entry by about lr and the
 # largest 1% hold 2-13% (benchmarks/update_energy.py on these data; results/README.md). The learning rate is SGD's own; at a
@@ -77,6 +78,9 @@ METHODS: dict[str, Method] = {
                         {"aggregation": {"strategy": "aam"}, "codec": COMPRESSED_GLOBAL, "training": SGD_LOCAL}),
     "fedsegnet_tensor": Method("FedSegNet, per-tensor top-1% int8 (Transformer U-Net + AAM + local SGD)",
                                {"aggregation": {"strategy": "aam"}, "codec": COMPRESSED, "training": SGD_LOCAL}),
+    "fedsegnet_top2_int4_global": Method(
+        "FedSegNet, global top-2% int4 (Transformer U-Net + AAM + local SGD)",
+        {"aggregation": {"strategy": "aam"}, "codec": GLOBAL_TOP2_INT4, "training": SGD_LOCAL}),
     "fedsegnet_adam": Method("FedSegNet with local Adam, per-tensor top-1% int8 (Transformer U-Net + AAM)",
                              {"aggregation": {"strategy": "aam"}, "codec": COMPRESSED}),
     "centralized_sgd": Method("Centralized (pooled data, Transformer U-Net), SGD",
@@ -123,7 +127,8 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     # The two numeric targets side by side: Dice against centralized (trained with either
     # optimizer: the better one is the bar), bytes against dense; fedsegnet_tensor and
     # fedsegnet_adam isolate what the codec's top-k scope and the local optimizer each add.
-    "targets": ("centralized", "centralized_sgd", "fedavg_dense", "fedsegnet", "fedsegnet_tensor", "fedsegnet_adam"),
+    "targets": ("centralized", "centralized_sgd", "fedavg_dense", "fedsegnet", "fedsegnet_top2_int4_global",
+                "fedsegnet_tensor", "fedsegnet_adam"),
     "brats": ("centralized", "fedavg_dense", "fedsegnet"),
 }
 
