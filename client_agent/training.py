@@ -183,9 +183,9 @@ def make_optimizer(
 
     ``"adam"`` (the default, and what an empty name means): steps of about ``lr`` in every entry
     whatever its gradient, which trains fast but gives round updates whose energy is spread over
-    all entries, so a top-1% codec sends ~10% of it (measured in ``results/README.md``).
-    ``"sgd"`` (heavy-ball ``momentum`` in [0, 1)): updates are sums of gradients, whose energy sits
-    in few entries (a top-1% codec sends 70-99% of it), so error feedback has little to carry.
+    all entries, so a top-1% codec sends ~6% of a round's update (``benchmarks/update_energy.py``).
+    ``"sgd"`` (heavy-ball ``momentum`` in [0, 1)): updates are sums of gradients whose largest 1%
+    hold 70-99% of their energy, in a few tensors; a global top-1% codec sends ~88% of them.
     """
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
@@ -244,18 +244,17 @@ def train_local(
     device = torch.device(device)
     model.to(device)
     model.train()
-    optimizer_name = optimizer
-    optimizer = make_optimizer(
-        optimizer_name, [p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum,
+    opt = make_optimizer(
+        optimizer, [p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum,
         weight_decay=weight_decay,
     )
     if optimizer_state:
         try:
-            optimizer.load_state_dict(dict(optimizer_state))
+            opt.load_state_dict(dict(optimizer_state))
         except (ValueError, KeyError) as exc:
             # A changed architecture makes old moments meaningless: start afresh rather than fail the round.
-            logger.warning("optimizer state does not fit this model (%s); starting %s afresh", exc, optimizer_name)
-        for group in optimizer.param_groups:
+            logger.warning("optimizer state does not fit this model (%s); starting %s afresh", exc, optimizer)
+        for group in opt.param_groups:
             group["lr"] = lr  # the round's configuration wins over the saved state
     prox_pairs = _prepare_global(model, global_params, device) if fedprox_mu > 0 else []
 
@@ -272,7 +271,7 @@ def train_local(
         for step, batch in enumerate(loader, start=1):
             image = batch["image"].to(device, non_blocking=True)
             label = batch["label"].to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             with _autocast(device, amp):
                 logits = model(image)
                 loss = loss_fn(logits, label)
@@ -290,7 +289,7 @@ def train_local(
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
                 if not torch.isfinite(norm):
                     raise TrainingError(f"gradient norm is {float(norm)} at epoch {epoch}, step {step}")
-            optimizer.step()
+            opt.step()
             total += value
             count += 1
             steps += 1
@@ -319,7 +318,7 @@ def train_local(
         steps=steps,
         volumes=volumes,
         seconds=seconds,
-        optimizer_state=optimizer.state_dict(),
+        optimizer_state=opt.state_dict(),
     )
 
 

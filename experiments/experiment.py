@@ -47,9 +47,9 @@ COMPRESSED_GLOBAL = {"top_k_fraction": 0.01, "top_k_scope": "global", "quantizat
 GLOBAL_TOP2_INT4 = {"top_k_fraction": 0.02, "top_k_scope": "global", "quantization": "int4", "zstd_level": 3}
 # FedSegNet's sites train with SGD: its round updates are sums of gradients, whose energy sits in
 # few entries (the largest 1% hold 70-99% of it), where Adam moves every entry by about lr and the
-# largest 1% hold 2-13% (benchmarks/update_energy.py on these data; results/README.md). The learning rate is SGD's own; at a
-# constant 0.1 the global Dice swings by up to 0.3 between rounds late in a run (and dense FedAvg's
-# alternates every round), so it anneals to 0.01 over the run.
+# largest 1% hold 2-4% (benchmarks/update_energy.py on these data; results/README.md). The
+# learning rate is SGD's own; at a constant 0.1 the global Dice swings by up to 0.3 between rounds
+# late in a run (and dense FedAvg's alternates every round), so it anneals to 0.01 over the run.
 SGD_LOCAL = {"optimizer": "sgd", "momentum": 0.9, "learning_rate": 0.1, "lr_schedule": "cosine",
              "final_learning_rate": 0.01}
 SCALED_FAULT = {"faulty_site": 3, "fault": "scaled_update", "update_scale": 10.0}
