@@ -59,6 +59,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from client_agent.training import OPTIMIZERS
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -113,7 +115,9 @@ class TrainSettings:
         val_dirs: validation folders; empty: ``val_fraction`` of the pooled cases, split by ``seed``.
         architecture, options: :func:`model.build_model`'s name and options.
         img_size: the grid every volume is resized to, and the model's ``img_size``.
-        epochs, batch_size, lr, lambda_dice: Adam and :class:`model.DiceCELoss` settings.
+        epochs, batch_size, lr, lambda_dice: optimizer and :class:`model.DiceCELoss` settings.
+        optimizer, momentum: ``"adam"`` or ``"sgd"`` (with heavy-ball ``momentum``), as the sites'
+            ``[training] optimizer`` (:func:`client_agent.training.make_optimizer`).
         amp: bf16 autocast on CUDA (ignored on CPU).
         device: ``"auto"``, ``"cpu"``, ``"cuda[:N]"`` or ``"mps"``.
         seed: seeds weights, split, shuffling and augmentation.
@@ -136,6 +140,8 @@ class TrainSettings:
     batch_size: int = 2
     lr: float = 1e-4
     lambda_dice: float = 0.5
+    optimizer: str = "adam"
+    momentum: float = 0.0
     amp: bool = True
     device: str = "auto"
     seed: int = 0
@@ -164,6 +170,12 @@ class TrainSettings:
         _positive_int("batch_size", self.batch_size)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not (isinstance(self.momentum, (int, float)) and 0.0 <= self.momentum < 1.0):
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"momentum applies to optimizer 'sgd' only, got momentum={self.momentum} with {self.optimizer!r}")
         if isinstance(self.lambda_dice, bool) or not isinstance(self.lambda_dice, (int, float)) or not 0.0 <= self.lambda_dice <= 1.0:
             raise ValueError(f"lambda_dice must be in [0, 1], got {self.lambda_dice!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
@@ -373,7 +385,8 @@ def train_centralized(
     for epoch in range(1, s.epochs + 1):
         t0 = time.perf_counter()
         result = train_local(
-            net, loader, epochs=1, lr=s.lr, device=device, amp=s.amp, loss_fn=loss_fn, optimizer_state=optimizer_state
+            net, loader, epochs=1, lr=s.lr, device=device, amp=s.amp, loss_fn=loss_fn, optimizer_state=optimizer_state,
+            optimizer=s.optimizer, momentum=s.momentum,
         )
         optimizer_state = result.optimizer_state
         # fp32 validation, as sites validate and as `fedseg evaluate` scores: comparable numbers.
@@ -872,6 +885,7 @@ def _run_train(args: argparse.Namespace) -> int:
         data_dirs=tuple(args.data), val_dirs=tuple(args.val_data or ()), out=args.out, architecture=args.architecture,
         options=args.options_json or {}, img_size=_size_arg("--img-size", args.img_size),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lambda_dice=args.lambda_dice, amp=args.amp,
+        optimizer=args.optimizer, momentum=args.momentum,
         device=args.device, seed=args.seed, label_map=args.label_map, num_classes=args.num_classes,
         val_fraction=args.val_fraction, augment=args.augment, normalize=args.normalize, cache_dir=args.cache_dir,
         num_workers=args.num_workers,
@@ -941,7 +955,9 @@ def add_cli(subparsers: Any) -> None:
                        help="training grid: one int or three (default 64)")
     train.add_argument("--epochs", type=int, default=50)
     train.add_argument("--batch-size", type=int, default=2)
-    train.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    train.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="adam (default) or sgd")
+    train.add_argument("--momentum", type=float, default=0.0, help="SGD momentum in [0, 1) (default 0)")
     train.add_argument("--lambda-dice", type=float, default=0.5, help="Dice weight in the Dice+CE loss (default 0.5)")
     train.add_argument("--amp", type=_yes_no, default=True, metavar="yes/no", help="bf16 autocast on CUDA (default yes)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")

@@ -94,6 +94,25 @@ def test_best_checkpoint_is_the_best_epoch_of_pooled_folders(fed, tmp_path: Path
     assert meta["extra"]["epoch"] == summary.best_epoch
 
 
+def test_sgd_trains_the_centralized_baseline_as_the_sites_would(fed, tmp_path: Path) -> None:
+    summary = train_centralized(settings(fed, tmp_path / "sgd.pt", optimizer="sgd", momentum=0.9, lr=0.1,
+                                         epochs=2, img_size=16))
+
+    assert summary.history[1].train_loss < summary.history[0].train_loss
+    assert summary.checkpoint.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"optimizer": "lamb"}, r"optimizer must be one of \['adam', 'sgd'\], got 'lamb'"),
+     ({"optimizer": "sgd", "momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+     ({"momentum": 0.5}, "momentum applies to optimizer 'sgd' only")],
+)
+def test_bad_optimizer_settings_are_refused(fed, tmp_path: Path, overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        settings(fed, tmp_path / "x.pt", **overrides)
+
+
 def test_training_is_reproducible_from_the_seed(fed, tmp_path: Path) -> None:
     # Augmentation on: its random draws must come from the seed too.
     first = train_centralized(settings(fed, tmp_path / "a.pt", augment=True, seed=3, img_size=16))
