@@ -147,8 +147,8 @@ class TrainingSettings:
         """
         if self.lr_schedule == "constant":
             return self.learning_rate
-        r = min(max(round_id, 1), max(rounds, 1))
-        cosine = (1.0 + math.cos(math.pi * (r - 1) / max(rounds, 1))) / 2.0
+        r = min(max(round_id, 1), rounds)  # rounds >= 1: FederationConfig checks it
+        cosine = (1.0 + math.cos(math.pi * (r - 1) / rounds)) / 2.0
         return self.final_learning_rate + (self.learning_rate - self.final_learning_rate) * cosine
 
 

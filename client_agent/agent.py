@@ -446,7 +446,9 @@ class SiteAgent:
         trained = train_local(
             model, loader, epochs=config.local_epochs or 1, lr=config.learning_rate or 1e-4, device=self.device,
             amp=self.settings.amp, loss_fn=loss_fn, fedprox_mu=config.fedprox_mu,
-            progress=self.reporter.progress(r), optimizer=config.optimizer or "adam", momentum=config.momentum,
+            progress=self.reporter.progress(r),
+            # Aggregators from before TrainingConfig.optimizer send none: they meant Adam.
+            optimizer=config.optimizer or "adam", momentum=config.momentum,
         )
         scores = evaluate(model, data.val, device=self.device, num_classes=config.model.out_channels,
                           amp=self.settings.amp)

@@ -176,30 +176,37 @@ def _proximal_term(pairs: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> torc
 OPTIMIZERS = ("adam", "sgd")
 
 
+def check_optimizer(name: str, momentum: float) -> None:
+    """Raise ValueError unless ``name`` is one of :data:`OPTIMIZERS` and ``momentum`` fits it."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+    if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if momentum and name != "sgd":
+        raise ValueError(f"momentum applies to optimizer 'sgd' only, got momentum={momentum} with {name!r}")
+
+
 def make_optimizer(
     name: str, params: Iterable[torch.nn.Parameter], *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
     """The local optimizer a round's ``TrainingConfig.optimizer`` names.
 
-    ``"adam"`` (the default, and what an empty name means): steps of about ``lr`` in every entry
-    whatever its gradient, which trains fast but gives round updates whose energy is spread over
-    all entries, so a top-1% codec sends ~6% of a round's update (``benchmarks/update_energy.py``).
-    ``"sgd"`` (heavy-ball ``momentum`` in [0, 1)): updates are sums of gradients whose largest 1%
-    hold 70-99% of their energy, in a few tensors; a global top-1% codec sends ~88% of them.
+    ``"adam"``: steps of about ``lr`` in every entry whatever its gradient, which trains fast but
+    gives round updates whose energy is spread over all entries, so a top-1% codec sends ~6% of a
+    round's update (``benchmarks/update_energy.py``). ``"sgd"`` (heavy-ball ``momentum`` in
+    [0, 1)): updates are sums of gradients whose largest 1% hold 70-99% of their energy, in a few
+    tensors; a global top-1% codec sends ~88% of them.
     """
+    if name not in OPTIMIZERS:
+        # A TrainingError, not a ValueError: the name comes from the aggregator, and an agent that
+        # cannot run it skips the round with this reason instead of stopping.
+        raise TrainingError(f"unknown optimizer {name!r}; this site runs {list(OPTIMIZERS)} (upgrade the client agent?)")
+    check_optimizer(name, momentum)
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    if name in ("", "adam"):
-        if momentum:
-            raise ValueError(f"momentum applies to optimizer 'sgd' only, got momentum={momentum} with 'adam'")
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    # A TrainingError, not a ValueError: the name comes from the aggregator, and an agent that cannot
-    # run it skips the round with this reason instead of stopping.
-    raise TrainingError(f"unknown optimizer {name!r}; this site runs {list(OPTIMIZERS)} (upgrade the client agent?)")
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
 def train_local(

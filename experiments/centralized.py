@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from client_agent.training import OPTIMIZERS
+from client_agent.training import OPTIMIZERS, check_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +170,7 @@ class TrainSettings:
         _positive_int("batch_size", self.batch_size)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
-        if not (isinstance(self.momentum, (int, float)) and 0.0 <= self.momentum < 1.0):
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if self.momentum and self.optimizer != "sgd":
-            raise ValueError(f"momentum applies to optimizer 'sgd' only, got momentum={self.momentum} with {self.optimizer!r}")
+        check_optimizer(self.optimizer, self.momentum)
         if isinstance(self.lambda_dice, bool) or not isinstance(self.lambda_dice, (int, float)) or not 0.0 <= self.lambda_dice <= 1.0:
             raise ValueError(f"lambda_dice must be in [0, 1], got {self.lambda_dice!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:

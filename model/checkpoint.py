@@ -54,8 +54,9 @@ def check_state_dict(architecture: str, config: Mapping[str, Any], state: Mappin
     """Raise ValueError naming the first difference if ``state`` (name -> tensor or array, anything
     with ``.shape``) is not the state dict of ``build_model(architecture, **config)``."""
     # Rebuild the network to compare against (at save time: catches a config that would rebuild a
-    # different network than the weights belong to; experiments check loaded .frames models). The meta device costs no memory or compute; a constructor that
-    # needs real values (SwinUNETR calls .item()) is built on the CPU instead.
+    # different network than the weights belong to; experiments check loaded .frames models). The
+    # meta device costs no memory or compute; a constructor that needs real values (SwinUNETR
+    # calls .item()) is built on the CPU instead.
     try:
         with torch.device("meta"):
             expected = build_model(architecture, **dict(config)).state_dict()
