@@ -112,15 +112,16 @@ def _node() -> str:
     if node is None:
         pytest.skip("node is not installed (the second decoder is Node.js: install node, then `make setup`)")
     if not (FZSTD / "package.json").exists():
-        pytest.skip(f"fzstd is not installed: `npm install --prefix .tools fzstd@0.1.1` (run by `make setup`)")
+        pytest.skip("fzstd is not installed: `npm install --prefix .tools fzstd@0.1.1` (run by `make setup`)")
     return node
 
 
+@pytest.mark.slow  # starts a node process
 def test_node_decoder_agrees_on_every_vector() -> None:
     node = _node()
     result = subprocess.run(
         [node, str(REPO / "codec" / "testdata" / "node" / "check_vectors.mjs"), str(VECTORS)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "FZSTD": str(FZSTD)},
+        capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "FZSTD": str(FZSTD)},
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)

@@ -24,8 +24,9 @@ import io
 import json
 import struct
 import zlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import zstandard
@@ -171,8 +172,8 @@ def valid_vectors() -> dict[str, tuple[str, list[bytes], str | None]]:
         "multipart-dense": ("a 600 000-value float32 tensor in 3 dense raw parts, each zstd-compressed",
                             frames_of({"pattern": pattern, "tail": np.ones(3, np.float32)}, codec.CodecSpec()),
                             None),
-        "multipart-topk": ("top-50% of 600 000 values: 2 sparse parts, bitmap index relative to each part's start, "
-                           "int8 values, zstd",
+        "multipart-topk": (("top-50% of 600 000 values: 2 sparse parts, bitmap index relative to each part's "
+                            "start, int8 values, zstd"),
                            frames_of({"stripes": stripes}, codec.CodecSpec(top_k_fraction=0.5, quantization="int8",
                                                                            block_size=64)), None),
         "multipart-varint": ("one tensor in 3 hand-cut top-k parts (varint index relative to each part's start)",
@@ -237,7 +238,7 @@ def invalid_vectors(valid: dict[str, tuple[str, list[bytes], str | None]]) -> di
         return fn
 
     # zstd frame whose header leaves out the content size.
-    header, stored = unpack_frame(zstd_frame)
+    _, stored = unpack_frame(zstd_frame)
     unsized = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(
         zstandard.ZstdDecompressor().decompress(bytes(stored))
     )

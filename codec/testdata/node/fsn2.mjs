@@ -222,7 +222,7 @@ export function parseFrame(frame) {
   if (size > PAYLOAD_BUDGET) fail("header", `${whatPart}: payload of ${size} bytes exceeds ${PAYLOAD_BUDGET}`);
   const stored = frame.subarray(10 + headLen);
   if (!zstd && stored.length !== size) fail("length", `${whatPart}: payload of ${stored.length} bytes, header says ${size}`);
-  if (zstd && stored.length === 0) fail("length", `${whatPart}: empty zstd payload`);
+  if (zstd && stored.length === 0) fail("zstd", `${whatPart}: empty zstd payload`);
   return { name, dtype, itemsize, shape, count, part, parts, start, stop, span, selection, index, k, indexBytes,
     values, block, zstd, crc, size, sent, stored, what: whatPart };
 }
