@@ -32,10 +32,10 @@ import numpy as np
 import zstandard
 
 import codec
-from codec.frame import DTYPE_CODES, unpack_frame
+from codec.frame import unpack_frame
+from codec.stages import SparseSelection
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
-_DTYPE_NAMES = {code: np.dtype(s).name for code, s in DTYPE_CODES.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,7 +91,7 @@ def raw_payload(frame: bytes) -> bytes:
     return bytes(stored)
 
 
-def frames_of(tensors: dict[str, np.ndarray], spec: codec.CodecSpec) -> list[bytes]:
+def frames_of(tensors: dict[str, Any], spec: codec.CodecSpec) -> list[bytes]:
     return list(codec.encode_tensors(list(tensors.items()), spec))
 
 
@@ -140,8 +140,8 @@ def valid_vectors() -> dict[str, tuple[str, list[bytes], str | None]]:
     dense_ish = {"w": r.standard_normal((8, 17)).astype(np.float32), "w16": r.standard_normal(33).astype(np.float16)}
     pattern = (np.arange(600_000) % 7).astype(np.float32) - 3.0  # compresses: 3 parts, small frames
     stripes = np.tile(np.array([2.0, 0.5, -0.25, -3.0], dtype=np.float32), 150_000)
-    new_weights = {k: v.copy() for k, v in weights.items()}
-    new_weights["conv.weight"].reshape(-1)[::9] += np.float32(0.01)
+    new_weights: dict[str, Any] = {k: v.copy() for k, v in weights.items()}
+    new_weights["conv.weight"].reshape(-1)[::9] += 0.01
     new_weights["conv.bias"][:] = r.standard_normal(4).astype(np.float32)
     new_weights["norm.num_batches_tracked"] = np.array(13, dtype=np.int64)
     return {
@@ -259,6 +259,7 @@ def invalid_vectors(valid: dict[str, tuple[str, list[bytes], str | None]]) -> di
     # A varint index whose last position is the span itself, one past the part's end: its largest
     # gap (a 2-byte varint) grows by what it takes, and stays 2 bytes long.
     vh = unpack_frame(varint)[0]
+    assert isinstance(vh.chain.selection, SparseSelection)
     cut = vh.chain.selection.index_bytes
     gaps = codec.stages.varint_decode(raw_payload(varint)[:cut], vh.chain.selection.k, "vector")
     last = int(np.sum(gaps.astype(np.int64) + 1) - 1)
@@ -303,7 +304,7 @@ def invalid_vectors(valid: dict[str, tuple[str, list[bytes], str | None]]) -> di
                                file([edit_head(varint, set_byte(2, 0))]), "header",
                                "topk selection needs an index coding"),
         "lossy-integer": ("an int64 tensor whose header says int8 values",
-                          file([edit_head(i64, lambda h: (h.__setitem__(3, 2), h.extend(b"\x10")))]), "header",
+                          file([edit_head(i64, _int8_values_block_16)]), "header",
                           "tensors are sent dense and raw"),
         "overlong-varint": ("the ndim varint written as 0x82 0x00 (overlong)",
                             file([edit_head(f32, lambda h: h.__setitem__(slice(after_name(f32), after_name(f32) + 1),
@@ -354,9 +355,15 @@ def invalid_vectors(valid: dict[str, tuple[str, list[bytes], str | None]]) -> di
     return cases
 
 
+def _int8_values_block_16(head: bytearray) -> None:
+    head[3] = 2  # values: int8
+    head.extend(b"\x10")  # its block field
+
+
 def _set_k(frame: bytes, k: int) -> bytes:
     """A top-k frame with its header's k replaced (varint re-written)."""
     header, stored = unpack_frame(frame)
+    assert isinstance(header.chain.selection, SparseSelection)
     head = head_of(frame)
     tail = codec.stages.varint_encode(np.array([header.chain.selection.k, header.chain.selection.index_bytes]))
     at = bytes(head).rindex(tail)
