@@ -135,3 +135,14 @@ def test_node_decoder_agrees_on_every_vector() -> None:
                 m["frames"], m["frames_sha256"], m["lossless_sha256"]), name
         else:
             assert got.get("error") == m["error"], f"{name}: node says {got}, the vector wants {m['error']!r}"
+
+
+def test_the_specs_constants_and_dtype_codes_are_the_codecs() -> None:
+    spec = (REPO / "docs" / "protocol.md").read_text()
+    budget = int(re.search(r"`PAYLOAD_BUDGET = .*= ([\d ]+)`", spec).group(1).replace(" ", ""))  # type: ignore[union-attr]
+    assert (budget, codec.frame.MAX_FRAME_BYTES, codec.frame.MAX_HEADER_BYTES) == (
+        codec.PAYLOAD_BUDGET, 1_048_576, 8192)
+    assert f"a dense float32 part holds {budget // 4:,} values".replace(",", " ") in spec
+    rows = re.findall(r"^ *\| (\d+) \| (\w+)[^|]*\| (\d+) \| \| (\d+) \| (\w+)[^|]*\| (\d+) \|$", spec, re.MULTILINE)
+    table = {int(c): (n, int(b)) for row in rows for c, n, b in (row[:3], row[3:])}
+    assert table == {c: (np.dtype(s).name, np.dtype(s).itemsize) for c, s in codec.frame.DTYPE_CODES.items()}
