@@ -173,3 +173,24 @@ def test_the_rejection_reasons_are_one_list_in_code_proto_and_spec() -> None:
     listed = comment.replace("//", " ").split(":", 1)[1].split("(docs")[0]
     assert {name.strip() for name in listed.split(",")} == used
     assert set(re.findall(r"^\| `([a-z_]+)` \|", table, re.MULTILINE)) == used
+
+
+def test_the_agent_does_not_retry_an_update_over_the_byte_limit(tmp_path: Path) -> None:
+    from aggregator_service.security import RETRYABLE_METADATA
+    from client_agent.transport import RETRYABLE_TRAILER, AggregatorClient, Refused
+
+    served = start(tmp_path, config(max_update_bytes=40), INITIAL)
+    frames = frames_of(delta("a", 1, INITIAL))
+    path = tmp_path / "update.frames"
+    with open(path, "wb") as fh:
+        codec.write_frames(fh, frames)
+    waits: list[float] = []
+    client = AggregatorClient(served.target, sleep=waits.append)
+    try:
+        with pytest.raises(Refused, match="RESOURCE_EXHAUSTED: update exceeds the limit of 40 bytes$"):
+            client.submit(header_proto("a", 1), path, digest(frames), len(frames))
+        assert (served.rejections(), waits) == ({"too_large": 1}, [])  # one attempt, no retry
+    finally:
+        client.close()
+        served.stop()
+    assert RETRYABLE_TRAILER == RETRYABLE_METADATA
