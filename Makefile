@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	# buf lints the protos (tests/test_k8s.py); it comes from npm, so only where npm is.
-	if command -v npm >/dev/null; then npm install --silent --prefix .tools @bufbuild/buf@1.75.0; fi
+	# buf lints the protos (tests/test_k8s.py); fzstd is the zstd of the Node.js conformance decoder
+	# (tests/test_conformance.py). Both come from npm, so only where npm is.
+	if command -v npm >/dev/null; then npm install --silent --prefix .tools @bufbuild/buf@1.75.0 fzstd@0.1.1; fi
 	touch $(STAMP)
 
 demo: setup

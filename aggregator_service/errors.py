@@ -65,3 +65,32 @@ def check_site_name(site: str) -> str:
             f"site name {site!r} is not valid: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return site
+
+
+REJECTION_REASONS: dict[str, str] = {
+    # The names GetStatus.rejections (and the Prometheus endpoint) count refusals under: every
+    # AggregatorError's ``reason``. docs/protocol.md and the proto's comment list the same names
+    # (tests/test_wire_contract.py checks all three).
+    "unknown_site": "PERMISSION_DENIED: a site name that is not valid or not in the federation",
+    "identity_mismatch": "PERMISSION_DENIED: the request names another site than the client certificate",
+    "unauthenticated": "UNAUTHENTICATED: under mutual TLS, no client certificate or one without a usable site name",
+    "revoked": "UNAUTHENTICATED: the site or the certificate is revoked",
+    "malformed_message": "INVALID_ARGUMENT: request bytes that do not parse as the RPC's message",
+    "wrong_round": "FAILED_PRECONDITION: an update for a round that is not open (and not a retry of a committed one)",
+    "bad_stream": "INVALID_ARGUMENT: an upload that does not start with one header, or with a second header",
+    "bad_header": "INVALID_ARGUMENT: sample_count < 1 or a non-finite metric in the update header",
+    "bad_frame": "INVALID_ARGUMENT: a frame the codec refuses, or a tensor's parts out of order",
+    "tensor_mismatch": "INVALID_ARGUMENT: a tensor that is not the model's next one (name, shape, dtype), or missing",
+    "duplicate_tensor": "INVALID_ARGUMENT: a tensor sent twice in one update",
+    "non_finite": "INVALID_ARGUMENT: an update with NaN or Inf values",
+    "incomplete_stream": "INVALID_ARGUMENT: an upload without its commit, or whose chunk_count is not the frames sent",
+    "digest_mismatch": "INVALID_ARGUMENT: a commit digest that is not the SHA-256 of the frames received",
+    "too_large": "RESOURCE_EXHAUSTED (not retryable): an update over the byte limit",
+    "too_many_streams": "RESOURCE_EXHAUSTED (retryable): more concurrent streams than the site may hold",
+    "store_full": "RESOURCE_EXHAUSTED (retryable): the aggregator's disk is full; nothing was stored",
+    "conflicting_submission": "ALREADY_EXISTS: a second, different update from a site for the same round",
+    "not_found": "NOT_FOUND: a model or round the store does not have",
+    "upload_timeout": "DEADLINE_EXCEEDED: an upload that did not finish within the stream time limit",
+    "broken_stream": "CANCELLED: the client went away mid-upload",
+    "store": "UNAVAILABLE: the store cannot be read or written",
+}

@@ -305,6 +305,8 @@ def round_metrics(store: Store, config: FederationConfig, round_id: int) -> dict
         "closed": result is not None,
         "sites": sites,
         "aggregate": _aggregate_metrics(sites),
+        "aggregate_extra": _aggregate_extra(sites),
+        "aggregate_cases": sum(int(s.get("extra_metrics", {}).get("validation_cases", 0)) for s in sites),
         "result": result,
     }
 
@@ -314,6 +316,20 @@ def _aggregate_metrics(sites: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name in METRIC_NAMES:
         pairs = [(s["sample_count"], s["metrics"][name]) for s in sites if name in s.get("metrics", {})]
+        pairs = [(n, v) for n, v in pairs if math.isfinite(v)]
+        total = sum(n for n, _ in pairs)
+        if total > 0:
+            out[name] = sum(n * v for n, v in pairs) / total
+    return out
+
+
+def _aggregate_extra(sites: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Sample-weighted mean of each extra metric, over the sites that report it (finite values only);
+    ``validation_cases`` is summed instead (see :func:`round_metrics`)."""
+    out: dict[str, float] = {}
+    names = sorted({name for s in sites for name in s.get("extra_metrics", {})} - {"validation_cases"})
+    for name in names:
+        pairs = [(s["sample_count"], s["extra_metrics"][name]) for s in sites if name in s.get("extra_metrics", {})]
         pairs = [(n, v) for n, v in pairs if math.isfinite(v)]
         total = sum(n for n, _ in pairs)
         if total > 0:
@@ -341,9 +357,14 @@ def check_header(store: Store, config: FederationConfig, header: UpdateHeader) -
     if config.sites and header.site not in config.sites:
         raise UnknownSite(f"site {header.site!r} is not in this federation")
     state = read_state(store)
+    closed = state["state"] == FINISHED or header.round_id != int(state["round_id"])
+    if closed and store.read_submission(header.round_id, header.site) is not None:
+        # Maybe a retry of the upload that closed the round, sent by a site that lost its receipt:
+        # spooled like any upload, and answered as a duplicate only if its digest is the committed one.
+        return read_manifest(store, header.round_id)
     if state["state"] == FINISHED:
         raise WrongRound(f"the federation finished after round {state['round_id']}; no update is accepted")
-    if header.round_id != int(state["round_id"]):
+    if closed:
         raise WrongRound(
             f"update for round {header.round_id} refused: the current round is {state['round_id']}"
         )
@@ -387,6 +408,11 @@ def _checked_frames(
                 raise InvalidUpdate(
                     f"tensor {tensors[index]['name']!r} ended after part {part + 1} of {parts_total}",
                     reason="bad_frame",
+                )
+            if any(t["name"] == header.name for t in tensors[: index + 1]):
+                raise InvalidUpdate(
+                    f"tensor {header.name!r} is sent twice (frame {upload.chunks}); each model tensor is sent once",
+                    reason="duplicate_tensor",
                 )
             index += 1
             if index >= len(tensors):
@@ -498,12 +524,20 @@ def commit_update(
     site = record["site"]
     try:
         state = read_state(store)
+        existing = store.read_submission(round_id, site)
+        if existing is not None and existing["digest"] == record["digest"]:
+            # A retry of a committed upload gets its receipt, also after that commit closed the round.
+            spool.unlink(missing_ok=True)
+            return Receipt(round_id, existing["digest"], existing["bytes"], True, len(store.committed_sites(round_id)))
         if state["state"] == FINISHED or int(state["round_id"]) != round_id:
+            why = (
+                f"it is not the update {site!r} committed (digest {existing['digest'][:16]}…)"
+                if existing is not None else "the round closed while the update was uploading"
+            )
             raise WrongRound(
-                f"round {round_id} closed while the update was uploading; the current round is "
+                f"update for round {round_id} refused: {why}; the current round is "
                 f"{state['round_id']} ({state['state']})"
             )
-        existing = store.read_submission(round_id, site)
         if existing is not None:
             if existing["digest"] != record["digest"]:
                 raise ConflictingSubmission(

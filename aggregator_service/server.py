@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from aggregator_service import downloads, rounds
 from aggregator_service.config import ConfigError, FederationConfig, load_federation_config
@@ -221,6 +222,42 @@ class RunningServer:
         self.closer.join(timeout=5)
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(services: tuple[str, ...], server: grpc.Server) -> None:
+    """Serve server reflection as ``grpc.reflection.v1`` (what current grpcurl and other tools ask
+    first) and ``v1alpha``. grpcio-reflection implements only v1alpha; v1 is the same protocol with
+    the same messages under another package name, so the v1alpha servicer answers both, and a v1
+    copy of its file descriptor lets tools describe the v1 service too."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1)
+    except KeyError:
+        v1 = descriptor_pb2.FileDescriptorProto.FromString(reflection_pb2.DESCRIPTOR.serialized_pb)
+        v1.name, v1.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+        v1.options.Clear()
+        old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+        for message in v1.message_type:
+            for field in message.field:
+                if field.HasField("type_name"):
+                    field.type_name = field.type_name.replace(old, new)
+        for method in v1.service[0].method:
+            method.input_type, method.output_type = (method.input_type.replace(old, new),
+                                                     method.output_type.replace(old, new))
+        pool.AddSerializedFile(v1.SerializeToString())
+    names = (*services, REFLECTION_V1, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        reflection.ReflectionServicer(names).ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
+
+
 def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
     """Bind ``address`` (plaintext without ``credentials``); the bound port, or OSError naming it."""
     try:
@@ -287,10 +324,7 @@ def serve(
     add_to_server(AggregatorServicer(aggregator, gate), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    _enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     # Both addresses are bound before either server starts, the health one first: grpcio frees
     # a bound port only by starting and stopping its server, which for the health-only server
     # exposes nothing if the main address then fails.

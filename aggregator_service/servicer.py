@@ -132,6 +132,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
                     yield pb.DownloadModelResponse(
                         round_id=download.round_id, index=index, frame=frame,
                         model_digest=download.model_digest, delta_from_round=download.delta_from_round,
+                        final_model=download.round_id > self.aggregator.config.rounds,
                     )
         except AggregatorError as exc:
             self._refuse("DownloadModel", exc, context)
@@ -193,7 +194,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             round_id=m["round_id"],
             state=pb.ROUND_STATE_CLOSED if m["closed"] else pb.ROUND_STATE_OPEN,
             sites=[wire.site_metrics_to_proto(site) for site in m["sites"]],
-            aggregate=wire.metrics_to_proto(m["aggregate"], {}),
+            aggregate=wire.metrics_to_proto(m["aggregate"], m["aggregate_extra"], m["aggregate_cases"]),
             global_model_digest=result.get("global_model_digest", ""),
             close_seconds=result.get("close_seconds", 0.0),
         )

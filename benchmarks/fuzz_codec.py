@@ -64,8 +64,7 @@ CONFIG = FederationConfig(federation_id="fuzz", rounds=1, min_clients=1, max_cli
 
 
 def make_corpus(directory: Path) -> None:
-    """Valid frame files (one per codec spec, model and a delta, and the FSNF fixtures of
-    tests/data): the fuzzer's starting points."""
+    """Valid frame files (one per codec spec, model and a delta): the fuzzer's starting points."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     delta = {k: (v + rng.normal(size=v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in MODEL.items()}
@@ -74,9 +73,6 @@ def make_corpus(directory: Path) -> None:
             buffer = io.BytesIO()
             codec.write_frames(buffer, codec.encode_tensors(list(tensors.items()), spec))
             (directory / f"{kind}-{i}.frames").write_bytes(buffer.getvalue())
-    # Frames of the previous release (JSON headers), which decoders still read.
-    for legacy in sorted((Path(__file__).resolve().parents[1] / "tests" / "data").glob("legacy_v1_*.frames")):
-        (directory / legacy.name).write_bytes(legacy.read_bytes())
 
 
 def fuzz_codec(data: bytes) -> None:

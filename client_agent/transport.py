@@ -3,9 +3,10 @@
 Transient failures are retried with exponential backoff and full jitter: UNAVAILABLE (no server,
 a dropped connection, a store that cannot be written right now) and DEADLINE_EXCEEDED for as long
 as the backoff allows (forever by default: an agent outlives network outages), and
-RESOURCE_EXHAUSTED (a busy server: too many streams, a full store) ``busy_attempts`` times, since
-the same code also means "update too large", which no retry cures. Anything else is the
-aggregator's answer and is raised as :class:`Refused` with its status and message.
+RESOURCE_EXHAUSTED ``busy_attempts`` times when the aggregator marks it retryable with the
+``fedseg-retryable`` trailer (a busy server: too many streams, a full store). Without the trailer
+RESOURCE_EXHAUSTED means "update too large", which no retry cures: it is raised at once, like
+anything else the aggregator answers, as :class:`Refused` with its status and message.
 
 Retrying an upload is safe: it resends the same stored bytes, and the aggregator treats a second
 commit of the same (site, round, digest) as a duplicate of the first.
@@ -36,6 +37,8 @@ BUSY = grpc.StatusCode.RESOURCE_EXHAUSTED
 MAX_MESSAGE_BYTES = 4 << 20
 MAX_DIGEST_FAILURES = 3
 DEFAULT_BUSY_ATTEMPTS = 8
+RETRYABLE_TRAILER = ("fedseg-retryable", "1")
+"""Trailing metadata with which the aggregator marks a RESOURCE_EXHAUSTED refusal worth retrying."""
 
 
 class Refused(Exception):
@@ -152,6 +155,8 @@ class AggregatorClient:
                 code = exc.code()  # type: ignore[attr-defined]
                 details = exc.details()  # type: ignore[attr-defined]
                 if code == BUSY:
+                    if RETRYABLE_TRAILER not in (exc.trailing_metadata() or ()):  # type: ignore[attr-defined]
+                        raise Refused(code, details) from None
                     busy += 1
                     if busy >= self.busy_attempts:
                         raise Refused(code, f"{details} (gave up after {busy} attempts)") from None

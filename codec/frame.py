@@ -1,10 +1,8 @@
-"""Frame format: one self-describing, checksummed piece of one tensor, at most 1 MiB.
+"""Frame format (``FSN2``): one self-describing, checksummed piece of one tensor, at most 1 MiB.
 
-Two layouts exist. The codec writes only the binary one (``FSN2``); it reads both, because
-model files, spooled updates and residuals written by the previous release hold ``FSNF`` frames.
-
-``FSN2`` (written and read; all fixed-size integers little-endian, "varint" = unsigned LEB128 in
-its shortest form, at most 9 bytes, so < 2**63)::
+docs/protocol.md specifies the format byte by byte for other implementations; this docstring is
+the summary. All fixed-size integers are little-endian; "varint" = unsigned LEB128 in its
+shortest form, at most 9 bytes, so < 2**63::
 
     offset  size  field
     0       4     magic b"FSN2" (the format version is part of the magic)
@@ -33,30 +31,12 @@ its shortest form, at most 9 bytes, so < 2**63)::
 The element count (product of the shape) and the raw payload size (index section + values, see
 ``codec.stages``) follow from these fields, so they are not stored. The header must be consumed
 exactly; an unknown code is refused with the field's name and value. On the demo model's top-1%
-int8 update a frame header takes 32 bytes plus the tensor's name on average (FSNF's took 254).
-
-``FSNF`` (read only; the previous release)::
-
-    offset  size  field
-    0       4     magic b"FSNF"
-    4       1     format version (1)
-    5       3     reserved, zero
-    8       4     header length H (u32), at most MAX_HEADER_BYTES
-    12      4     crc32 of the header bytes (u32)
-    16      H     header: UTF-8 JSON object with exactly the keys name, shape, dtype (numpy dtype
-                  string, e.g. "<f4"), count, part, parts, start, stop, chain (e.g.
-                  [{"stage": "topk", "k": 9, "index": "varint", "index_bytes": 9},
-                  {"stage": "int8", "block": 256}, {"stage": "zstd"}]), size (raw payload bytes)
-                  and crc (crc32 of the raw payload)
-    16+H    ...   payload, as in FSN2
-
-Both layouts describe the same :class:`FrameHeader` and pass the same checks. No pickle, no
-code: an unknown key, stage, code or dtype is refused.
+int8 update a frame header takes 32 bytes plus the tensor's name on average. No pickle, no code:
+an unknown magic, code or dtype is refused.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 import struct
@@ -72,7 +52,6 @@ from .stages import Chain, parse_chain
 
 __all__ = [
     "MAGIC",
-    "LEGACY_MAGIC",
     "FORMAT_VERSION",
     "DTYPE_CODES",
     "MAX_FRAME_BYTES",
@@ -92,7 +71,6 @@ __all__ = [
 ]
 
 MAGIC = b"FSN2"
-LEGACY_MAGIC = b"FSNF"
 FORMAT_VERSION = 2
 MAX_FRAME_BYTES = 1 << 20
 """Largest frame, header included: one frame travels in one gRPC message."""
@@ -100,12 +78,11 @@ MAX_HEADER_BYTES = 8192
 MAX_NAME_BYTES = 1024
 MAX_NDIM = 64
 _PREFIX = struct.Struct("<4sHI")
-_LEGACY_PREFIX = struct.Struct("<4sB3sII")
-_LEGACY_VERSION = 1
-PAYLOAD_BUDGET = MAX_FRAME_BYTES - _LEGACY_PREFIX.size - MAX_HEADER_BYTES
+PAYLOAD_BUDGET = MAX_FRAME_BYTES - _PREFIX.size - MAX_HEADER_BYTES
 """Largest raw (uncompressed) payload of one frame; also the decompression limit per frame.
 
-Unchanged from FSNF (whose prefix is the larger), so every frame of the previous release still fits.
+Whatever header a frame carries (at most MAX_HEADER_BYTES), a payload within this budget keeps
+the frame within MAX_FRAME_BYTES, so an encoder sizes a tensor's parts before writing headers.
 """
 
 # The wire codes never change meaning; new dtypes or stages get new codes.
@@ -131,8 +108,7 @@ _CODES_OF = {
 }
 _ENUMS = struct.Struct("<BBBBBI")  # dtype, selection, index coding, values, byte stage, payload crc
 _VARINT_MAX_BYTES = 9
-_LEGACY_KEYS = ("name", "shape", "dtype", "count", "part", "parts", "start", "stop", "chain", "size", "crc")
-_KEYS = _LEGACY_KEYS  # the fields of FrameHeader.to_json()
+_KEYS = ("name", "shape", "dtype", "count", "part", "parts", "start", "stop", "chain", "size", "crc")  # to_json()
 
 
 def wire_dtype(dtype: np.dtype, name: str) -> np.dtype:
@@ -207,7 +183,7 @@ class FrameHeader:
         return f"tensor {self.name!r} part {self.part + 1}/{self.parts}"
 
     def to_json(self) -> dict[str, Any]:
-        """The header as plain JSON values (the FSNF header's keys; :func:`pack_frame` takes them)."""
+        """The header as plain JSON values (:func:`pack_frame` takes them back, e.g. after editing one)."""
         return {
             "name": self.name,
             "shape": list(self.shape),
@@ -384,7 +360,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> tuple[FrameHeader, in
         raise CodecError(f"{read.what}: header shape has {ndim} dimensions, at most {MAX_NDIM}")
     shape = tuple(read.varint("shape") for _ in range(ndim))
     ints = {key: read.varint(key) for key in ("part", "parts", "start", "stop")}
-    # The chain in the same words as an FSNF header, so that one parser checks both formats.
+    # The chain in the same words as FrameHeader.to_json(), so that one parser checks both.
     if selection == "dense":
         if index != "none":
             raise CodecError(f"{read.what}: dense selection takes index coding 'none', got {index!r}")
@@ -403,7 +379,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> tuple[FrameHeader, in
 
 
 # --------------------------------------------------------------------------------------------
-# Checks shared by both formats.
+# Checks shared by binary headers and header fields given as a mapping.
 
 
 def _in_range(value: Any, key: str, low: int, high: int, what: str) -> int:
@@ -423,7 +399,7 @@ def _checked_header(
     *,
     declared_size: Any = None,
 ) -> FrameHeader:
-    """Range and consistency checks; ``declared_size`` is FSNF's stored size (FSN2 implies it)."""
+    """Range and consistency checks; ``declared_size`` is a mapping's ``size`` (FSN2 implies it)."""
     what = f"tensor {name!r}"
     count = math.prod(shape)
     if count > 1 << 63:
@@ -459,38 +435,15 @@ def _checked_header(
 
 
 # --------------------------------------------------------------------------------------------
-# JSON header (FSNF, read only).
-
-
-def _legacy_header(view: memoryview) -> tuple[FrameHeader, int]:
-    if len(view) < _LEGACY_PREFIX.size:
-        raise CodecError(f"frame of {len(view)} bytes is truncated (an FSNF frame starts with {_LEGACY_PREFIX.size} bytes)")
-    _magic, version, reserved, head_len, head_crc = _LEGACY_PREFIX.unpack_from(view)
-    if version != _LEGACY_VERSION:
-        raise CodecError(f"unsupported FSNF frame format version {version} (this codec reads {_LEGACY_VERSION})")
-    if reserved != b"\0\0\0":
-        raise CodecError("frame prefix has non-zero reserved bytes")
-    if head_len > MAX_HEADER_BYTES:
-        raise CodecError(f"frame header of {head_len} bytes exceeds {MAX_HEADER_BYTES}")
-    end = _LEGACY_PREFIX.size + head_len
-    if end > len(view):
-        raise CodecError(f"frame is truncated: header of {head_len} bytes, frame of {len(view)}")
-    head = view[_LEGACY_PREFIX.size:end]
-    if zlib.crc32(head) != head_crc:
-        raise CodecError("frame header checksum mismatch (corrupted frame)")
-    try:
-        fields = json.loads(bytes(head).decode("utf-8"))
-    except (ValueError, RecursionError) as exc:
-        raise CodecError(f"frame header is not valid JSON ({exc})") from None
-    return _header_from_fields(fields, len(view)), end
+# Header fields given as a mapping (FrameHeader.to_json()'s keys).
 
 
 def _header_from_fields(fields: Any, frame_bytes: int) -> FrameHeader:
-    """A header from FSNF's JSON object (also what :func:`pack_frame` accepts as a mapping)."""
+    """A checked header from :meth:`FrameHeader.to_json`'s fields (what :func:`pack_frame` accepts as a mapping)."""
     if not isinstance(fields, dict):
         raise CodecError(f"frame header must be a JSON object, got {type(fields).__name__}")
-    missing = [k for k in _LEGACY_KEYS if k not in fields]
-    extra = sorted(set(fields) - set(_LEGACY_KEYS))
+    missing = [k for k in _KEYS if k not in fields]
+    extra = sorted(set(fields) - set(_KEYS))
     name = fields.get("name")
     what = f"tensor {name!r:.200}" if isinstance(name, str) else "frame"
     if missing or extra:
@@ -526,8 +479,8 @@ def _header_from_fields(fields: Any, frame_bytes: int) -> FrameHeader:
 def pack_frame(header: FrameHeader | Mapping[str, Any], payload: bytes | memoryview) -> bytes:
     """Serialise a header and its (possibly zstd-compressed) payload into one FSN2 frame.
 
-    ``header`` may also be a mapping of :meth:`FrameHeader.to_json`'s keys; it is checked like an
-    FSNF header first (a convenience for tools and tests that edit header fields).
+    ``header`` may also be a mapping of :meth:`FrameHeader.to_json`'s keys; it is checked like a
+    decoded header first (a convenience for tools and tests that edit header fields).
     """
     if not isinstance(header, FrameHeader):
         header = _header_from_fields(dict(header), 0)
@@ -538,8 +491,7 @@ def pack_frame(header: FrameHeader | Mapping[str, Any], payload: bytes | memoryv
 
 
 def unpack_frame(frame: Any) -> tuple[FrameHeader, memoryview]:
-    """Validate a frame's prefix and header (FSN2, or FSNF of the previous release); return the
-    header and a view of the stored payload.
+    """Validate a frame's prefix and header; return the header and a view of the stored payload.
 
     The payload itself is not checked here (see :func:`codec.stream.decode_part`).
     """
@@ -554,12 +506,9 @@ def unpack_frame(frame: Any) -> tuple[FrameHeader, memoryview]:
     if len(view) < len(MAGIC):
         raise CodecError(f"frame of {len(view)} bytes is truncated (a frame starts with a 4-byte magic)")
     magic = bytes(view[:4])
-    if magic == MAGIC:
-        header, end = decode_header(view)
-    elif magic == LEGACY_MAGIC:
-        header, end = _legacy_header(view)
-    else:
-        raise CodecError(f"not a FedSegNet codec frame (magic {magic!r}, expected {MAGIC!r} or {LEGACY_MAGIC!r})")
+    if magic != MAGIC:
+        raise CodecError(f"not a FedSegNet codec frame (magic {magic!r}, expected {MAGIC!r})")
+    header, end = decode_header(view)
     payload = view[end:]
     if not header.compressed and len(payload) != header.size:
         raise CodecError(f"{header.what}: payload of {len(payload)} bytes, header says {header.size}")

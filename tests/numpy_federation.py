@@ -33,7 +33,7 @@ SMALL_MODEL: dict[str, np.ndarray] = {
     "b": np.array([0.5, -0.5], dtype=np.float32),
 }
 BIG = 300_000
-"""Elements of the tensor that needs two frames (a dense fp32 part holds 260 092 elements)."""
+"""Elements of the tensor that needs two frames (a dense fp32 part holds 260 093 elements)."""
 
 
 def model(big: bool = False) -> dict[str, np.ndarray]:

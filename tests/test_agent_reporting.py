@@ -20,7 +20,7 @@ import model as model_pkg
 from client_agent.agent import RoundOutcome
 from client_agent.reporting import Reporter
 from client_agent.training import EpochProgress, train_local
-from client_agent.transport import AggregatorClient, Backoff, Refused
+from client_agent.transport import RETRYABLE_TRAILER, AggregatorClient, Backoff, Refused
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc
 
@@ -136,10 +136,11 @@ def test_training_reports_volumes_per_epoch() -> None:
 
 
 class BusyAggregator(pb_grpc.AggregatorServiceServicer):
-    """Answers Join with RESOURCE_EXHAUSTED ``busy`` times, then normally (a real gRPC server)."""
+    """Answers Join with RESOURCE_EXHAUSTED ``busy`` times, then normally (a real gRPC server);
+    ``retryable``: with the aggregator's ``fedseg-retryable`` trailer, as a busy aggregator does."""
 
-    def __init__(self, busy: int) -> None:
-        self.busy, self.calls = busy, 0
+    def __init__(self, busy: int, retryable: bool = True) -> None:
+        self.busy, self.calls, self.retryable = busy, 0, retryable
         self._lock = threading.Lock()
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
@@ -147,8 +148,28 @@ class BusyAggregator(pb_grpc.AggregatorServiceServicer):
             self.calls += 1
             calls = self.calls
         if calls <= self.busy:
+            if self.retryable:
+                context.set_trailing_metadata((RETRYABLE_TRAILER,))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent streams for this site")
         return pb.JoinResponse(federation_id="busy")
+
+
+def test_resource_exhausted_without_the_retryable_trailer_is_not_retried() -> None:
+    servicer = BusyAggregator(1, retryable=False)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_AggregatorServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    waits: list[float] = []
+    client = AggregatorClient(f"127.0.0.1:{port}", sleep=waits.append, busy_attempts=8)
+    try:
+        with pytest.raises(Refused, match="RESOURCE_EXHAUSTED: too many concurrent streams for this site$"):
+            client.join("site-a")
+    finally:
+        client.close()
+        server.stop(None)
+
+    assert (servicer.calls, waits) == (1, [])
 
 
 @pytest.mark.parametrize(("busy", "attempts", "joined"), [(2, 3, True), (3, 3, False)])

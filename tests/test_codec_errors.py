@@ -91,7 +91,7 @@ def test_any_truncated_frame_is_refused(frame, cut):
 
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=2000)
-       | st.binary(max_size=2000).map(lambda b: b"FSNF\x01\x00\x00\x00" + b)
+       | st.binary(max_size=2000).map(lambda b: b"FSNF\x01\x00\x00\x00" + b)  # not a format (any more)
        | st.binary(max_size=2000).map(lambda b: b"FSN2" + b))
 def test_random_bytes_are_refused(data):
     with pytest.raises(CodecError):

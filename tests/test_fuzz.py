@@ -3,8 +3,7 @@
 The codec decoder and the submission handler (``rounds.spool_update``) get mutated versions of
 valid input: flipped, cut, inserted, dropped, repeated and swapped bytes and frames; header
 fields replaced by arbitrary values and header bytes rewritten (re-sealed with a valid header
-checksum, so the parser sees them; arbitrary JSON for the previous release's FSNF frames, which
-decoders still read); payloads rewritten with a matching payload checksum (so the index and value
+checksum, so the parser sees them); payloads rewritten with a matching payload checksum (so the index and value
 decoders see them). Each must answer with its documented error (``CodecError``, ``AggregatorError``) or a
 valid result: no other exception, no hang, no spool file left behind.
 
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import struct
 import zlib
@@ -35,7 +33,6 @@ from aggregator_service.errors import AggregatorError
 from aggregator_service.rounds import UpdateCommit, UpdateHeader
 from aggregator_service.store import Store
 from codec.frame import (
-    _KEYS,
     SUPPORTED_DTYPES,
     FrameHeader,
     encode_header,
@@ -70,22 +67,7 @@ SPECS = [
 ]
 
 
-def _legacy(name: str) -> list[bytes]:
-    """FSNF frames written by the previous release (tests/data/README.md)."""
-    with open(Path(__file__).parent / "data" / name, "rb") as fh:
-        return list(codec.read_frames(fh))
-
-
-VALID = [frames_of(TENSORS, spec) for spec in SPECS] + [
-    _legacy("legacy_v1_model.frames"), _legacy("legacy_v1_update.frames")
-]
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=10,
-)
-
+VALID = [frames_of(TENSORS, spec) for spec in SPECS]
 
 def _flip(frame: bytes, data: st.DataObject) -> bytes:
     if not frame:
@@ -116,9 +98,7 @@ field_values = {
 
 
 def _seal(frame: bytes, head: bytes, payload: bytes) -> bytes:
-    """A frame of the same format as ``frame`` with header bytes ``head`` and a valid header checksum."""
-    if frame[:4] == b"FSNF":
-        return struct.pack("<4sB3sII", b"FSNF", 1, bytes(3), len(head), zlib.crc32(head)) + head + payload
+    """A frame with header bytes ``head`` and a valid header checksum."""
     return b"FSN2" + struct.pack("<HI", len(head), zlib.crc32(head)) + head + payload
 
 
@@ -136,14 +116,6 @@ def _header_field(frame: bytes, data: st.DataObject) -> bytes:
         header, payload = unpack_frame(frame)
     except codec.CodecError:  # already broken (an earlier mutation)
         return _flip(frame, data)
-    if frame[:4] == b"FSNF":
-        fields = header.to_json()
-        fields[data.draw(st.sampled_from(_KEYS))] = data.draw(json_values)
-        try:
-            head = json.dumps(fields).encode()
-        except (TypeError, ValueError):
-            return frame
-        return _seal(frame, head, bytes(payload))
     key = data.draw(st.sampled_from(sorted(field_values)))
     try:
         return _rewritten(header, key, data.draw(field_values[key])) + bytes(payload)
@@ -157,7 +129,7 @@ def _header_bytes(frame: bytes, data: st.DataObject) -> bytes:
         _header, payload = unpack_frame(frame)
     except codec.CodecError:
         return _flip(frame, data)
-    start = 16 if frame[:4] == b"FSNF" else 10
+    start = 10
     head = bytearray(frame[start : len(frame) - len(payload)])
     at = data.draw(st.integers(0, len(head) - 1))
     kind = data.draw(st.sampled_from(["set", "insert", "delete"]))
@@ -181,8 +153,6 @@ def _payload(frame: bytes, data: st.DataObject) -> bytes:
     raw = bytearray(payload)
     for _ in range(data.draw(st.integers(1, 4))):
         raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
-    if frame[:4] == b"FSNF":
-        return _seal(frame, json.dumps({**header.to_json(), "crc": zlib.crc32(raw)}).encode(), bytes(raw))
     return encode_header(dataclasses.replace(header, crc=zlib.crc32(raw))) + bytes(raw)
 
 
@@ -317,10 +287,7 @@ def test_the_fuzzed_upload_is_valid_before_mutation(store: Store) -> None:
 
 
 def test_valid_streams_decode(tmp_path: Path) -> None:
-    for frames in VALID[: len(SPECS)]:
+    for frames in VALID:
         decoded = dict(codec.decode_frames(frames))
         assert list(decoded) == list(TENSORS)
         np.testing.assert_array_equal(decoded["i64"], TENSORS["i64"])
-    for frames in VALID[len(SPECS) :]:  # the previous release's FSNF frames
-        assert {f[:4] for f in frames} == {b"FSNF"}
-        assert len(dict(codec.decode_frames(frames))) > 5

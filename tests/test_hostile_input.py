@@ -151,8 +151,8 @@ CASES = [
     ("part-missing", upload([F[0], F[1], F[2]]), grpc.StatusCode.INVALID_ARGUMENT, "bad_frame", "truncated"),
     ("part-repeated", upload([F[0], F[1], F[2], F[2], F[3]]), grpc.StatusCode.INVALID_ARGUMENT, "bad_frame",
      "ended after part 1 of 2"),
-    ("tensor-repeated", upload([F[0], F[0], F[1], F[2], F[3]]), grpc.StatusCode.INVALID_ARGUMENT, "tensor_mismatch",
-     "the model's is 'b'"),
+    ("tensor-repeated", upload([F[0], F[0], F[1], F[2], F[3]]), grpc.StatusCode.INVALID_ARGUMENT, "duplicate_tensor",
+     "tensor 'w' is sent twice"),
     ("tensor-missing", upload([F[0], F[2], F[3]]), grpc.StatusCode.INVALID_ARGUMENT, "tensor_mismatch",
      "the model's is 'b'"),
     ("trillion-elements", upload([trillion_elements(), *F[1:]]), grpc.StatusCode.INVALID_ARGUMENT,
@@ -214,8 +214,9 @@ def test_replayed_update_of_a_closed_round_is_refused(served: Served, reference:
     honest_rounds(served, ("a", "b"), (1,), INITIAL)
     honest_rounds(served, (), (2,), INITIAL)  # wait for round 2 to open
 
+    # c's update for round 1 (a's own, committed one would get its receipt back: a retry).
     with pytest.raises(grpc.RpcError) as refused:
-        served.submit("a", 1, delta("a", 1, INITIAL))
+        served.submit("c", 1, delta("c", 1, INITIAL))
 
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "update for round 1 refused: the current round is 2" in refused.value.details()

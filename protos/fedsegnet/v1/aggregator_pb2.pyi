@@ -7,6 +7,10 @@ One federation, many sites. A site joins, asks for the open round, downloads the
 global model as a stream of codec frames, trains on its own data, and uploads its update as a
 client stream: one header, then codec frames, then a commit that seals the stream. Payloads are
 never sent in one message: every chunk carries one codec frame of at most 1 MiB.
+
+docs/protocol.md specifies what these messages carry byte by byte: the round lifecycle, every
+status code each RPC answers and when, the codec frame format, the upload rules, the model
+digest and the delta download.
 """
 
 from collections import abc as _abc
@@ -56,8 +60,9 @@ Global___RoundState: _TypeAlias = RoundState  # noqa: Y015
 
 @_typing.final
 class CodecSpec(_message.Message):
-    """How a site encodes its update (and how the aggregator encodes models it sends).
-    Field names mirror codec.CodecSpec; a zero value means the codec's default.
+    """How a site encodes its update. Field names mirror codec.CodecSpec; a zero value means the codec's
+    default. Advisory: frames describe their own encoding, and the aggregator accepts an update in
+    any valid encoding (docs/protocol.md, "Upload rules"); the update's size limit still applies.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -183,7 +188,7 @@ class TrainingConfig(_message.Message):
 
     @_builtins.property
     def codec(self) -> Global___CodecSpec:
-        """How to encode the update."""
+        """How the federation asks sites to encode their updates (advisory, see CodecSpec)."""
 
     def __init__(
         self,
@@ -225,7 +230,7 @@ class Round(_message.Message):
     round_id: _builtins.int
     """1-based round number; round r trains from the global model written by round r - 1."""
     state: Global___RoundState.ValueType
-    """Lifecycle state."""
+    """Lifecycle state. FINISHED: round_id is the last round, global_model_digest the final model's."""
     min_clients: _builtins.int
     """Submissions needed before the deadline can close the round."""
     max_clients: _builtins.int
@@ -233,7 +238,9 @@ class Round(_message.Message):
     total_rounds: _builtins.int
     """Rounds the federation runs in total."""
     global_model_digest: _builtins.str
-    """SHA-256 (hex) of the global model's frames that this round trains from."""
+    """SHA-256 (hex) of the global model's frames that this round trains from (once FINISHED: of the
+    final model). The frames are the model's canonical lossless encoding (docs/protocol.md).
+    """
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """When the round closes with whatever arrived (if at least min_clients did)."""
@@ -450,7 +457,10 @@ class DownloadModelRequest(_message.Message):
     HAVE_ROUND_FIELD_NUMBER: _builtins.int
     HAVE_DIGEST_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
-    """The round whose starting model to send; 0 means the current round."""
+    """The model to send, numbered by the round that trains from it: model r is round r's starting
+    model, model total_rounds + 1 the final one (the last round's result). 0 means the current
+    round's model, or the final model once the federation has finished.
+    """
     site: _builtins.str
     """The downloading site (counted in bytes out)."""
     have_round: _builtins.int
@@ -488,8 +498,9 @@ class DownloadModelResponse(_message.Message):
     FRAME_FIELD_NUMBER: _builtins.int
     MODEL_DIGEST_FIELD_NUMBER: _builtins.int
     DELTA_FROM_ROUND_FIELD_NUMBER: _builtins.int
+    FINAL_MODEL_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
-    """The round this model starts."""
+    """The model's number (see DownloadModelRequest.round_id): total_rounds + 1 for the final model."""
     index: _builtins.int
     """0-based position of this chunk in the stream."""
     frame: _builtins.bytes
@@ -502,6 +513,10 @@ class DownloadModelResponse(_message.Message):
     """0: the frames are the full model. h > 0: the frames are a lossless delta (codec.encode_model_delta)
     from round h's global model, the one named by have_round (set on every chunk).
     """
+    final_model: _builtins.bool
+    """True when this is the federation's final model (round_id = total_rounds + 1), which no round
+    trains from (set on every chunk).
+    """
     def __init__(
         self,
         *,
@@ -510,10 +525,11 @@ class DownloadModelResponse(_message.Message):
         frame: _builtins.bytes = ...,
         model_digest: _builtins.str = ...,
         delta_from_round: _builtins.int = ...,
+        final_model: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta_from_round", b"delta_from_round", "frame", b"frame", "index", b"index", "model_digest", b"model_digest", "round_id", b"round_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta_from_round", b"delta_from_round", "final_model", b"final_model", "frame", b"frame", "index", b"index", "model_digest", b"model_digest", "round_id", b"round_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -545,7 +561,9 @@ class UpdateHeader(_message.Message):
 
     @_builtins.property
     def codec(self) -> Global___CodecSpec:
-        """The codec configuration the frames were encoded with."""
+        """The codec configuration the frames were encoded with (recorded as sent; the frames themselves
+        say how to decode them).
+        """
 
     def __init__(
         self,
@@ -645,7 +663,10 @@ class SubmitUpdateResponse(_message.Message):
     bytes_received: _builtins.int
     """Bytes of frames received and stored."""
     duplicate: _builtins.bool
-    """True when this exact update had already been committed (a retried upload): nothing changed."""
+    """True when this exact update had already been committed (a retried upload): nothing changed.
+    Also answered after that commit closed the round, so a site that lost its receipt learns
+    that its update counted.
+    """
     submissions: _builtins.int
     """Submissions now committed for the round."""
     def __init__(
@@ -739,7 +760,12 @@ class GetStatusResponse(_message.Message):
 
     @_builtins.property
     def rejections(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Refused submissions by reason (e.g. "wrong_round", "shape_mismatch")."""
+        """Refused requests by reason: unknown_site, identity_mismatch, unauthenticated, revoked,
+        malformed_message, wrong_round, bad_stream, bad_header, bad_frame, tensor_mismatch,
+        duplicate_tensor, non_finite, incomplete_stream, digest_mismatch, too_large, too_many_streams,
+        store_full, conflicting_submission, not_found, upload_timeout, broken_stream, store
+        (docs/protocol.md says when each comes). Reasons never counted are absent.
+        """
 
     def __init__(
         self,
@@ -885,7 +911,9 @@ class GetRoundMetricsResponse(_message.Message):
 
     @_builtins.property
     def aggregate(self) -> Global___LocalMetrics:
-        """Sample-weighted mean of the sites' local metrics."""
+        """Sample-weighted mean of the sites' local metrics, each over the sites that report a finite
+        value; validation_cases is the sites' total, extra holds the sample-weighted mean of each name.
+        """
 
     @_builtins.property
     def closed_at(self) -> _timestamp_pb2.Timestamp:

@@ -7,6 +7,10 @@ One federation, many sites. A site joins, asks for the open round, downloads the
 global model as a stream of codec frames, trains on its own data, and uploads its update as a
 client stream: one header, then codec frames, then a commit that seals the stream. Payloads are
 never sent in one message: every chunk carries one codec frame of at most 1 MiB.
+
+docs/protocol.md specifies what these messages carry byte by byte: the round lifecycle, every
+status code each RPC answers and when, the codec frame format, the upload rules, the model
+digest and the delta download.
 """
 
 from collections import abc as _abc
