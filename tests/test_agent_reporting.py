@@ -8,7 +8,9 @@ import io
 import json
 import math
 import os
+import select
 import threading
+import time
 from concurrent import futures
 from typing import Any
 
@@ -100,13 +102,24 @@ def test_epoch_json_line_has_loss_and_volumes_per_second() -> None:
     }
 
 
+def _read_line(fd: int, timeout_s: float = 10.0) -> str:
+    """What the terminal received up to its first newline: one read may return only the first write."""
+    data = b""
+    deadline = time.monotonic() + timeout_s
+    while b"\n" not in data and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            data += os.read(fd, 4096)
+    return data.decode()
+
+
 def test_progress_bar_on_a_terminal_and_plain_lines_elsewhere() -> None:
     controller, terminal = os.openpty()
     with os.fdopen(terminal, "w") as tty:
         report = Reporter(fmt="text", stream=tty).progress(round_id=7)
         report(progress(2, volumes=4, seconds=0.5))
         report(progress(4, done=True, volumes=8, seconds=2.0))
-        shown = os.read(controller, 4096).decode()
+        shown = _read_line(controller)
     os.close(controller)
     plain = io.StringIO()
     Reporter(fmt="text", stream=plain).progress(round_id=7)(progress(2, volumes=4, seconds=0.5))
