@@ -24,8 +24,6 @@ import datetime as _dt
 import hashlib
 import os
 import platform
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -40,6 +38,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import codec  # noqa: E402
+from aggregator_service import launcher  # noqa: E402
 from protos.fedsegnet.v1 import aggregator_pb2 as pb  # noqa: E402
 from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -213,8 +212,8 @@ def reset_peak_rss(pid: int) -> bool:
         return False
 
 
-class AggregatorProcess:
-    """``python -m aggregator_service.server`` on ``127.0.0.1:0`` over a store directory.
+class AggregatorProcess(launcher.AggregatorProcess):
+    """:class:`aggregator_service.launcher.AggregatorProcess` on ``127.0.0.1:0`` with its memory readings.
 
     Use as a context manager; :meth:`stop` sends SIGTERM and, after ``stop_timeout_s``, SIGKILL.
     Logs go to ``log_path``.
@@ -231,57 +230,8 @@ class AggregatorProcess:
         stop_timeout_s: float = 30.0,
         log_level: str = "INFO",
     ) -> None:
-        self.config = config
-        self.store = store
-        self.initial_model = initial_model
-        self.log_path = log_path
-        self.start_timeout_s = start_timeout_s
-        self.stop_timeout_s = stop_timeout_s
-        self.log_level = log_level
-        self.port_file = store.parent / f"{store.name}.port"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        self.start_seconds = 0.0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, "the aggregator is not started"
-        return self.proc.pid
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> "AggregatorProcess":
-        self.port_file.unlink(missing_ok=True)
-        command = [
-            sys.executable, "-m", "aggregator_service.server",
-            "--config", str(self.config),
-            "--store", str(self.store),
-            "--listen", "127.0.0.1:0", "--insecure",  # loopback benchmark
-            "--metrics-listen", "off",
-            "--port-file", str(self.port_file),
-            "--initial-model", str(self.initial_model),
-            "--log-level", self.log_level,
-        ]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        started = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = started + self.start_timeout_s
-        while not self.port_file.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"the aggregator exited with status {self.proc.returncode} before serving; "
-                    f"last log lines:\n{self.log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"the aggregator did not serve within {self.start_timeout_s:.0f} s")
-            time.sleep(0.05)
-        self.port = int(self.port_file.read_text())
-        self.start_seconds = time.monotonic() - started
-        return self
+        super().__init__(config=config, store=store, initial_model=initial_model, log_path=log_path,
+                         log_level=log_level, start_timeout_s=start_timeout_s, stop_timeout_s=stop_timeout_s)
 
     def memory(self) -> dict[str, int]:
         """``/proc/PID/status`` memory lines in bytes."""
@@ -289,25 +239,6 @@ class AggregatorProcess:
 
     def reset_peak(self) -> bool:
         return reset_peak_rss(self.pid)
-
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def stop(self) -> int | None:
-        """SIGTERM, wait (bounded), SIGKILL if needed. Returns the exit status."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=self.stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(timeout=self.stop_timeout_s)
-
-    def __enter__(self) -> "AggregatorProcess":
-        return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

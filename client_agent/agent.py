@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -50,7 +50,14 @@ from client_agent.data import (
 from client_agent.privacy import clip_and_noise
 from client_agent.reporting import Reporter
 from client_agent.state import SiteState
-from client_agent.training import TrainingError, evaluate, pick_device, seed_everything, train_local
+from client_agent.training import (
+    LoopSettings,
+    TrainingError,
+    evaluate,
+    pick_device,
+    seed_everything,
+    train_local,
+)
 from client_agent.transport import AggregatorClient, HeldModel, Refused
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 
@@ -61,6 +68,7 @@ __all__ = [
     "DataCheck",
     "RoundOutcome",
     "SiteAgent",
+    "UpdateTransform",
     "check_data",
     "load_arrays",
     "model_from_config",
@@ -72,6 +80,9 @@ METRICS = ("dice", "hd95", "iou", "precision", "recall")
 # Label values are checked against this bound when the federation's class count is not known yet:
 # the check then still finds unreadable files, shape mismatches and non-integer labels.
 _ANY_CLASS_COUNT = 2**31
+
+# A change applied to a round's update before encoding: name -> array in, name -> array out.
+UpdateTransform = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -220,12 +231,37 @@ def update_header(site: str, round_id: int, pending: Mapping[str, Any]) -> pb.Up
     )
 
 
+def _round_metrics(scores: Mapping[str, Any], trained: Any) -> dict[str, float]:
+    """The update header's metrics: local validation scores, the training loss and time."""
+    metrics = {k: float(scores[k]) for k in METRICS}
+    metrics["train_loss"] = float(trained.final_loss)
+    metrics["train_seconds"] = float(trained.seconds)
+    return metrics
+
+
+def _per_class_dice(scores: Mapping[str, Any]) -> dict[str, float]:
+    # The aggregator refuses a header with a non-finite metric; an undefined per-class
+    # extra is left out rather than costing the whole update.
+    return {
+        f"dice/{c}": float(v["dice"])
+        for c, v in scores.get("per_class", {}).items()
+        if math.isfinite(float(v["dice"]))
+    }
+
+
 class SiteAgent:
     """One site's agent. The loop is :meth:`run`; :meth:`run_round` does one round, which is
     :meth:`prepare_update` (download, train, validate, encode; all persisted) then :meth:`upload`."""
 
-    def __init__(self, settings: AgentSettings, client: AggregatorClient, reporter: Reporter) -> None:
+    def __init__(
+        self, settings: AgentSettings, client: AggregatorClient, reporter: Reporter, *,
+        transform_update: UpdateTransform | None = None,
+    ) -> None:
+        """``transform_update``: applied to each round's update (name -> θ_local − θ_global, after
+        any clipping and noise) just before it is encoded; the residual is not transformed. The
+        agent never sets it; a simulation's misbehaving site does (``experiments/faulty_agent.py``)."""
         self.settings = settings
+        self.transform_update = transform_update
         self.client = client
         self.reporter = reporter
         self.state = SiteState(settings.state_dir)
@@ -415,10 +451,36 @@ class SiteAgent:
 
         Order on disk: the round's global model, the local model, the encoded frames and the new
         residual, and last the pending record, which is the commit point: an agent killed before
-        it trains the round again, one killed after it resends these very frames.
+        it trains the round again, one killed after it resends these very frames. The steps are
+        the methods below; ``transform_update`` (given to the constructor) sees the update just
+        before it is encoded.
         """
         r, config = round_.round_id, round_.config
         data = self.check_federation(config)
+        downloaded, global_arrays = self._download_global(round_)
+        trained, scores, local = self._train_round(r, config, data, global_arrays)
+        deltas, privacy = self._local_update(local, global_arrays)
+        if self.transform_update is not None:
+            deltas = self.transform_update(deltas)
+        spec = codec.CodecSpec.from_message(config.codec)
+        digest, chunks = self._encode_and_store(r, deltas, spec)
+        pending = {
+            "sample_count": len(data.train),
+            "metrics": _round_metrics(scores, trained),
+            "validation_cases": int(scores.get("cases", len(data.val))),
+            "extra": {**_per_class_dice(scores), **privacy},
+            "codec": {f: getattr(spec, f) for f in spec.__dataclass_fields__},
+            "bytes_downloaded": downloaded.nbytes,
+            "dense_bytes": int(sum(4 * a.size for a in global_arrays.values())),
+            "digest": digest,
+            "chunks": chunks,
+        }
+        self.state.save_pending(r, pending)
+        return pending
+
+    def _download_global(self, round_: pb.Round) -> tuple[Any, dict[str, np.ndarray]]:
+        """The round's global model, downloaded (or rebuilt from a delta) into the state and checked."""
+        r = round_.round_id
         downloaded = self.client.download(r, self.settings.site, self.state.path("global", r), base=self.held_model(r))
         self.reporter.event("download", round=r, bytes=downloaded.nbytes, delta_from=downloaded.delta_from_round)
         if downloaded.round_id != r:
@@ -428,7 +490,13 @@ class SiteAgent:
                 f"round {r}: downloaded model digest {downloaded.digest[:16]}… differs from the round's "
                 f"{round_.global_model_digest[:16]}…"
             )
-        global_arrays = self.state.read_tensors("global", r)
+        return downloaded, self.state.read_tensors("global", r)
+
+    def _train_round(
+        self, r: int, config: pb.TrainingConfig, data: SiteData, global_arrays: Mapping[str, np.ndarray]
+    ) -> tuple[Any, dict[str, Any], dict[str, np.ndarray]]:
+        """Train from the global model, validate, and write the local model: (train result, scores, local arrays)."""
+        from model import DiceCELoss
 
         seed = self._seed(config) + r  # a new shuffle and augmentation draw every round
         seed_everything(seed)
@@ -436,35 +504,41 @@ class SiteAgent:
         model = model_from_config(config)
         load_arrays(model, global_arrays)
         model.to(self.device)
-        from model import DiceCELoss
-
         # proto3 cannot tell an unset 0 from an explicit one; the aggregator always sends its
         # configured value (0 = cross-entropy only), so it is used as is.
         loss_fn = DiceCELoss(lambda_dice=float(config.lambda_dice))
         loader = make_loader(data.train, batch_size=config.batch_size or 1, shuffle=True, seed=seed,
                              num_workers=self.settings.num_workers)
-        trained = train_local(
-            model, loader, epochs=config.local_epochs or 1, lr=config.learning_rate or 1e-4, device=self.device,
-            amp=self.settings.amp, loss_fn=loss_fn, fedprox_mu=config.fedprox_mu,
-            progress=self.reporter.progress(r),
+        loop = LoopSettings(
+            epochs=config.local_epochs or 1, lr=config.learning_rate or 1e-4, amp=self.settings.amp,
+            fedprox_mu=config.fedprox_mu,
             # Aggregators from before TrainingConfig.optimizer send none: they meant Adam.
             optimizer=config.optimizer or "adam", momentum=config.momentum,
         )
+        trained = train_local(model, loader, loop, device=self.device, loss_fn=loss_fn, progress=self.reporter.progress(r))
         scores = evaluate(model, data.val, device=self.device, num_classes=config.model.out_channels,
                           amp=self.settings.amp)
-
         local = dict(named_arrays(model))
         self.state.write_tensors("local", r, local.items())
-        spec = codec.CodecSpec.from_message(config.codec)
+        return trained, scores, local
+
+    def _local_update(
+        self, local: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """The update θ_local − θ_global, clipped and noised when the site asks for differential privacy."""
         deltas = {name: local[name] - global_arrays[name] for name in global_arrays}
-        privacy: dict[str, float] = {}
-        if self.settings.dp_clip_norm > 0:
-            # Clip and noise before the codec: error feedback then carries only the noised update,
-            # never the raw one, so nothing unclipped reaches the wire in a later round either.
-            deltas, report = clip_and_noise(deltas, self.settings.dp_clip_norm,
-                                            self.settings.dp_noise_multiplier, np.random.default_rng())
-            privacy = {"dp/clip_norm": report.clip_norm, "dp/noise_multiplier": report.noise_multiplier,
-                       "dp/update_norm": report.norm, "dp/clip_scale": report.scale}
+        if self.settings.dp_clip_norm <= 0:
+            return deltas, {}
+        # Clip and noise before the codec: error feedback then carries only the noised update,
+        # never the raw one, so nothing unclipped reaches the wire in a later round either.
+        deltas, report = clip_and_noise(deltas, self.settings.dp_clip_norm,
+                                        self.settings.dp_noise_multiplier, np.random.default_rng())
+        privacy = {"dp/clip_norm": report.clip_norm, "dp/noise_multiplier": report.noise_multiplier,
+                   "dp/update_norm": report.norm, "dp/clip_scale": report.scale}
+        return deltas, privacy
+
+    def _encode_and_store(self, r: int, deltas: Mapping[str, np.ndarray], spec: codec.CodecSpec) -> tuple[str, int]:
+        """Encode the update with the site's residual; write its frames, then the new residual: (digest, chunks)."""
         encoded = codec.encode_update(list(deltas.items()), spec, self.state.residual())
         sha = hashlib.sha256()
         chunks = 0
@@ -478,27 +552,4 @@ class SiteAgent:
 
         self.state.write_frames("pending", r, counted())
         self.state.write_tensors("residual", r, encoded.residual.items())
-        metrics = {k: float(scores[k]) for k in METRICS}
-        metrics["train_loss"] = float(trained.final_loss)
-        metrics["train_seconds"] = float(trained.seconds)
-        # The aggregator refuses a header with a non-finite metric; an undefined per-class
-        # extra is left out rather than costing the whole update.
-        extra = {
-            f"dice/{c}": float(v["dice"])
-            for c, v in scores.get("per_class", {}).items()
-            if math.isfinite(float(v["dice"]))
-        }
-        extra.update(privacy)
-        pending = {
-            "sample_count": len(data.train),
-            "metrics": metrics,
-            "validation_cases": int(scores.get("cases", len(data.val))),
-            "extra": extra,
-            "codec": {f: getattr(spec, f) for f in spec.__dataclass_fields__},
-            "bytes_downloaded": downloaded.nbytes,
-            "dense_bytes": int(sum(4 * a.size for a in global_arrays.values())),
-            "digest": sha.hexdigest(),
-            "chunks": chunks,
-        }
-        self.state.save_pending(r, pending)
-        return pending
+        return sha.hexdigest(), chunks

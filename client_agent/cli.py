@@ -25,7 +25,10 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn
+
+if TYPE_CHECKING:  # the agent imports torch; the command line answers --help without it
+    from client_agent.agent import UpdateTransform
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -433,7 +436,9 @@ def _error(message: str) -> None:
     print(f"client-agent: {message}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, transform_update: UpdateTransform | None = None) -> int:
+    """``client-agent``. ``transform_update`` is :class:`~client_agent.agent.SiteAgent`'s hook on each
+    update before it is encoded; the command line never sets it (a simulation's faulty site does)."""
     values = resolve_options(argv)
     _configure_logging(values)
     # Heavy imports (torch, MONAI) after the option checks, so --help and bad options answer at once.
@@ -483,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     client = AggregatorClient(settings.aggregator, credentials=credentials, rpc_timeout_s=values["rpc_timeout"],
                               sleep=_interruptible_sleep(stop))
     try:
-        return SiteAgent(settings, client, reporter).run(stop=stop)
+        return SiteAgent(settings, client, reporter, transform_update=transform_update).run(stop=stop)
     except _Stopped:
         reporter.event("stopped", site=settings.site)
         return EXIT_OK

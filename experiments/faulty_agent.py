@@ -9,16 +9,16 @@ would upload. Simulation only: ``fedseg simulate`` starts it for ``[simulation] 
 "scaled_update"``; nothing in a deployment imports this module.
 
 Why a wrapper and not an agent option: the agent's command line is a hospital-facing interface,
-and a "corrupt my own update" flag does not belong in it. The wrapper scales the ``deltas``
-argument of :func:`codec.encode_update`, which the agent calls as ``codec.encode_update(deltas,
-spec, residual)`` after training and before encoding; the residual it passes is not scaled, so
-error feedback does not compound the factor from round to round.
+and a "corrupt my own update" flag does not belong in it. The wrapper hands
+:func:`client_agent.cli.main` a ``transform_update`` (:class:`client_agent.agent.SiteAgent`'s hook
+on each update after training and before encoding): only this process's agent uploads scaled
+updates. The residual is not scaled, so error feedback does not compound the factor from round
+to round.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import math
 import sys
@@ -27,11 +27,8 @@ from typing import Any
 
 import numpy as np
 
-import codec
-
 log = logging.getLogger(__name__)
 
-Encoder = Callable[..., Any]
 NamedTensors = Mapping[str, Any] | Iterable[tuple[str, Any]]
 
 
@@ -50,17 +47,16 @@ def scale_deltas(deltas: NamedTensors, factor: float) -> list[tuple[str, np.ndar
     return out
 
 
-def scaled_encoder(encode: Encoder, factor: float) -> Encoder:
-    """Wrap an ``encode_update(deltas, spec, residual)`` so that it encodes ``factor`` x ``deltas``."""
+def scaled_update(factor: float) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """A ``transform_update`` for the agent that multiplies every floating tensor of an update by ``factor``."""
     if not (math.isfinite(factor) and factor != 0):
         raise ValueError(f"update scale must be a finite non-zero number, got {factor}")
 
-    @functools.wraps(encode)
-    def encode_scaled(deltas: NamedTensors, *args: Any, **kwargs: Any) -> Any:
+    def scale(deltas: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         log.warning("faulty site: uploading %g x its update", factor)
-        return encode(scale_deltas(deltas, factor), *args, **kwargs)
+        return dict(scale_deltas(deltas, factor))
 
-    return encode_scaled
+    return scale
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,17 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--update-scale", type=float, required=True, help="factor applied to every update")
     args, agent_argv = parser.parse_known_args(argv)
-    from client_agent import agent as agent_module
     from client_agent import cli
 
-    # The agent reaches the encoder through the codec module (``codec.encode_update``); patching
-    # the module attribute in this process affects this site only. Refuse to run if the agent no
-    # longer calls it that way, rather than silently uploading unscaled updates.
-    if getattr(agent_module, "codec", None) is not codec:
-        raise RuntimeError("client_agent.agent no longer calls codec.encode_update through the codec module; "
-                           "update experiments/faulty_agent.py")
-    codec.encode_update = scaled_encoder(codec.encode_update, args.update_scale)  # type: ignore[assignment]
-    return cli.main(agent_argv)
+    return cli.main(agent_argv, transform_update=scaled_update(args.update_scale))
 
 
 if __name__ == "__main__":

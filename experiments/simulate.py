@@ -9,6 +9,7 @@ held-out test set, then prints a row: each site's local Dice, the global Dice, b
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
 from aggregator_service.config import FederationConfig, parse_federation_config
+from aggregator_service.launcher import AggregatorProcess
+from client_agent.init_model import write_initial_model
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -200,23 +203,6 @@ def task_agent_args(task: str) -> list[str]:
     return ["--label-map", label_map] if label_map else []
 
 
-def write_initial_model(config: FederationConfig, out: Path) -> Path:
-    """The global model round 1 starts from: the configured network, initialised from the seed."""
-    import torch
-
-    import codec
-    from model import build_model
-
-    torch.manual_seed(config.training.seed)
-    m = config.model
-    net = build_model(m.architecture, in_channels=m.in_channels, out_channels=m.out_channels,
-                      img_size=m.img_size, **dict(m.options))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = ((k, v.detach().cpu().numpy()) for k, v in net.state_dict().items())
-    codec.save_tensors(out, tensors, codec.LOSSLESS)
-    return out
-
-
 @dataclass
 class RoundRow:
     round_id: int
@@ -263,6 +249,11 @@ class _Processes:
         self.procs[name] = proc
         return proc
 
+    def add(self, name: str, proc: subprocess.Popen[bytes] | None) -> None:
+        """Watch and stop a process started elsewhere (its log is ``logs/NAME.log`` too)."""
+        assert proc is not None
+        self.procs[name] = proc
+
     def tail(self, name: str, lines: int = 20) -> str:
         text = (self.logdir / f"{name}.log").read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
@@ -285,17 +276,6 @@ class _Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def _wait_for_port(path: Path, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists():
-            return int(path.read_text())
-        if proc.poll() is not None:
-            raise RuntimeError(f"the aggregator exited with code {proc.returncode} before serving")
-        time.sleep(0.1)
-    raise RuntimeError(f"the aggregator did not start serving within {timeout_s:.0f}s")
 
 
 class GlobalEvaluator:
@@ -357,6 +337,142 @@ class GlobalEvaluator:
 METRICS = ("dice", "iou", "hd95", "precision", "recall")
 
 
+@dataclass
+class _Run:
+    """What the steps of one simulation share: settings, paths, processes and the result so far."""
+
+    sim: SimulationSettings
+    federation: FederationConfig
+    workdir: Path
+    stream: TextIO
+    started: float
+    procs: _Processes
+    result: SimulationResult
+    agents: list[str] = field(default_factory=list)
+
+    @property
+    def store(self) -> Path:
+        return self.workdir / "store"
+
+
+def _prepare_workdir(workdir: Path, federation_toml: str, *, fresh: bool) -> None:
+    if fresh:
+        for sub in ("store", "states", "logs", "models"):
+            shutil.rmtree(workdir / sub, ignore_errors=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "federation.toml").write_text(federation_toml)
+
+
+def _prepare_data(run: _Run) -> tuple[Any, tuple[Path, ...], Path]:
+    """The sites' data (generated, then prepared for the scenario) and the initial model."""
+    from experiments.sitedata import describe, generate_federation
+
+    sim = run.sim
+    data = generate_federation(
+        run.workdir / "data", sites=sim.sites, cases_per_site=sim.cases_per_site, test_cases=sim.test_cases,
+        size=sim.size, spacing_mm=sim.spacing_mm, seed=sim.seed, task=sim.task,
+    )
+    run.stream.write(describe(data) + "\n")
+    site_dirs = prepare_site_dirs(data, sim, run.workdir / "data-prepared")
+    initial = write_initial_model(run.federation, run.workdir / "models" / "initial.frames")
+    return data, site_dirs, initial
+
+
+def _process_env(sim: SimulationSettings, n_sites: int) -> dict[str, str]:
+    threads = sim.threads_per_site or max(1, (os.cpu_count() or 1) // n_sites)
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+
+
+def _start_processes(
+    run: _Run, site_dirs: Sequence[Path], initial: Path, env: Mapping[str, str],
+    extra_agent_args: Mapping[str, list[str]] | None,
+) -> str:
+    """Start the aggregator, wait until it serves, then one client agent per site; returns its target."""
+    aggregator = AggregatorProcess(
+        config=run.workdir / "federation.toml", store=run.store, initial_model=initial,
+        log_path=run.procs.logdir / "aggregator.log", port_file=run.workdir / "aggregator.port",
+        metrics_listen="127.0.0.1:0", env=env,
+        start_timeout_s=60,  # --insecure (the launcher's default): loopback only; SECURITY.md
+    ).start()
+    run.procs.add("aggregator", aggregator.proc)
+    target = aggregator.target
+    run.stream.write(f"aggregator serving on {target} (store {run.store})\n")
+    for index, (site, site_dir) in enumerate(zip(run.federation.sites, site_dirs, strict=True)):
+        name = f"agent-{site}"
+        run.procs.start(name, [
+            *agent_argv(run.sim, index), "--data", str(site_dir), "--aggregator", target,
+            "--site", site, "--state-dir", str(run.workdir / "states" / site),
+            "--cache-dir", str(run.workdir / "cache" / site), "--log-format", "json",
+            *task_agent_args(run.sim.task), *(extra_agent_args or {}).get(site, []),
+        ], env)
+        run.agents.append(name)
+    run.stream.write(f"{len(run.agents)} client agents started; logs in {run.procs.logdir}\n\n")
+    return target
+
+
+def _round_row(
+    run: _Run, client: Any, round_id: int, evaluator: GlobalEvaluator, dense_model_bytes: int, last: float
+) -> tuple[RoundRow, float]:
+    """Round ``round_id``'s row: its metrics from the aggregator, its result model scored on the held-out set.
+
+    ``seconds`` runs from ``last`` to the download of the round's result (returned as the next ``last``).
+    """
+    from protos.fedsegnet.v1 import aggregator_pb2 as pb
+
+    metrics = client.stub.GetRoundMetrics(pb.GetRoundMetricsRequest(round_id=round_id), timeout=30)
+    model_path = run.workdir / "models" / f"global-{round_id + 1:04d}.frames"
+    client.download(round_id + 1, "simulate", model_path)
+    now = time.monotonic()
+    run.result.final_model = model_path
+    return RoundRow(
+        round_id=round_id,
+        site_dice={s.site: s.metrics.dice for s in metrics.sites},
+        global_metrics=evaluator(model_path),
+        bytes_up=sum(s.bytes_uploaded for s in metrics.sites),
+        bytes_down=sum(s.bytes_downloaded for s in metrics.sites),
+        weights={s.site: s.weight for s in metrics.sites},
+        seconds=now - last,
+        train_loss=metrics.aggregate.train_loss,
+        dense_bytes_up=len(metrics.sites) * dense_model_bytes,
+        update_norms={s.site: s.update_norm for s in metrics.sites},
+    ), now
+
+
+def _watch_rounds(
+    run: _Run, target: str, evaluator: GlobalEvaluator, initial: Path, *, resumed: int, timeout_s: float,
+    stop_after_s: float | None,
+) -> None:
+    """Print a row per closed round until the federation finishes (or the time limit stops it)."""
+    from client_agent.transport import AggregatorClient
+    from protos.fedsegnet.v1 import aggregator_pb2 as pb
+
+    client = AggregatorClient(target)
+    dense_model_bytes = _dense_bytes(initial)
+    header = _table_header(run.federation.sites)
+    run.stream.write(header + "\n" + "|" + "---|" * (header.count("|") - 1) + "\n")
+    reported = resumed
+    last = time.monotonic()
+    while True:
+        run.procs.check(["aggregator", *run.agents])
+        status = client.stub.GetStatus(pb.GetStatusRequest(), timeout=30)
+        while reported < status.rounds_completed:
+            reported += 1
+            row, last = _round_row(run, client, reported, evaluator, dense_model_bytes, last)
+            run.result.rows.append(row)
+            run.stream.write(_table_row(row, run.federation.sites) + "\n")
+            run.stream.flush()
+        if status.round.state == pb.ROUND_STATE_FINISHED and reported >= status.rounds_completed:
+            break
+        if stop_after_s is not None and time.monotonic() - run.started > stop_after_s and reported > resumed:
+            run.result.finished = False
+            run.stream.write(f"stopping after round {reported} (time limit of {stop_after_s:.0f}s)\n")
+            break
+        if time.monotonic() - run.started > timeout_s:
+            raise RuntimeError(f"the simulation did not finish within {timeout_s:.0f}s")
+        time.sleep(0.5)
+    client.close()
+
+
 def run_simulation(
     config_path: str | Path | None,
     workdir: Path,
@@ -377,107 +493,28 @@ def run_simulation(
     """
     if resume_rows and fresh:
         raise ValueError("resume_rows needs fresh=False: resuming keeps the store and the site states")
-    from client_agent.transport import AggregatorClient
-    from experiments.sitedata import describe, generate_federation
-    from protos.fedsegnet.v1 import aggregator_pb2 as pb
-
     started = time.monotonic()
     sim, federation, federation_toml = load_simulation_config(config_path)
     workdir = workdir.resolve()
-    store = workdir / "store"
-    if fresh:
-        for sub in ("store", "states", "logs", "models"):
-            shutil.rmtree(workdir / sub, ignore_errors=True)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "federation.toml").write_text(federation_toml)
-
-    data = generate_federation(
-        workdir / "data", sites=sim.sites, cases_per_site=sim.cases_per_site, test_cases=sim.test_cases,
-        size=sim.size, spacing_mm=sim.spacing_mm, seed=sim.seed, task=sim.task,
-    )
-    stream.write(describe(data) + "\n")
-    site_dirs = prepare_site_dirs(data, sim, workdir / "data-prepared")
-    initial = write_initial_model(federation, workdir / "models" / "initial.frames")
-
-    threads = sim.threads_per_site or max(1, (os.cpu_count() or 1) // len(site_dirs))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    procs = _Processes(workdir / "logs")
-    port_file = workdir / "aggregator.port"
-    port_file.unlink(missing_ok=True)
-    result = SimulationResult(workdir=workdir, rows=list(resume_rows))
+    _prepare_workdir(workdir, federation_toml, fresh=fresh)
+    run = _Run(sim=sim, federation=federation, workdir=workdir, stream=stream, started=started,
+               procs=_Processes(workdir / "logs"), result=SimulationResult(workdir=workdir, rows=list(resume_rows)))
+    data, site_dirs, initial = _prepare_data(run)
+    env = _process_env(sim, len(site_dirs))
     evaluator = GlobalEvaluator(federation, data.test_dir, workdir / "cache" / "test", task=sim.task)
     try:
-        aggregator = procs.start("aggregator", [
-            sys.executable, "-m", "aggregator_service.server", "--config", str(workdir / "federation.toml"),
-            "--store", str(store), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--initial-model", str(initial),
-            "--port-file", str(port_file), "--insecure",  # loopback only; SECURITY.md
-        ], env)
-        port = _wait_for_port(port_file, aggregator)
-        target = f"127.0.0.1:{port}"
-        stream.write(f"aggregator serving on {target} (store {store})\n")
-        agents = []
-        for index, (site, site_dir) in enumerate(zip(federation.sites, site_dirs, strict=True)):
-            name = f"agent-{site}"
-            procs.start(name, [
-                *agent_argv(sim, index), "--data", str(site_dir), "--aggregator", target,
-                "--site", site, "--state-dir", str(workdir / "states" / site),
-                "--cache-dir", str(workdir / "cache" / site), "--log-format", "json",
-                *task_agent_args(sim.task), *(extra_agent_args or {}).get(site, []),
-            ], env)
-            agents.append(name)
-        stream.write(f"{len(agents)} client agents started; logs in {procs.logdir}\n\n")
-
-        client = AggregatorClient(target)
-        dense_model_bytes = _dense_bytes(initial)
-        header = _table_header(federation.sites)
-        stream.write(header + "\n" + "|" + "---|" * (header.count("|") - 1) + "\n")
-        reported = len(resume_rows)
-        last = time.monotonic()
-        while True:
-            procs.check(["aggregator", *agents])
-            status = client.stub.GetStatus(pb.GetStatusRequest(), timeout=30)
-            while reported < status.rounds_completed:
-                reported += 1
-                metrics = client.stub.GetRoundMetrics(pb.GetRoundMetricsRequest(round_id=reported), timeout=30)
-                model_path = workdir / "models" / f"global-{reported + 1:04d}.frames"
-                client.download(reported + 1, "simulate", model_path)
-                now = time.monotonic()
-                row = RoundRow(
-                    round_id=reported,
-                    site_dice={s.site: s.metrics.dice for s in metrics.sites},
-                    global_metrics=evaluator(model_path),
-                    bytes_up=sum(s.bytes_uploaded for s in metrics.sites),
-                    bytes_down=sum(s.bytes_downloaded for s in metrics.sites),
-                    weights={s.site: s.weight for s in metrics.sites},
-                    seconds=now - last,
-                    train_loss=metrics.aggregate.train_loss,
-                    dense_bytes_up=len(metrics.sites) * dense_model_bytes,
-                    update_norms={s.site: s.update_norm for s in metrics.sites},
-                )
-                last = now
-                result.rows.append(row)
-                result.final_model = model_path
-                stream.write(_table_row(row, federation.sites) + "\n")
-                stream.flush()
-            if status.round.state == pb.ROUND_STATE_FINISHED and reported >= status.rounds_completed:
-                break
-            if stop_after_s is not None and time.monotonic() - started > stop_after_s and reported > len(resume_rows):
-                result.finished = False
-                stream.write(f"stopping after round {reported} (time limit of {stop_after_s:.0f}s)\n")
-                break
-            if time.monotonic() - started > timeout_s:
-                raise RuntimeError(f"the simulation did not finish within {timeout_s:.0f}s")
-            time.sleep(0.5)
-        client.close()
-        if result.finished:
-            for name in agents:
-                procs.procs[name].wait(timeout=60)
-            procs.check(agents)
+        target = _start_processes(run, site_dirs, initial, env, extra_agent_args)
+        _watch_rounds(run, target, evaluator, initial, resumed=len(resume_rows), timeout_s=timeout_s,
+                      stop_after_s=stop_after_s)
+        if run.result.finished:
+            for name in run.agents:
+                run.procs.procs[name].wait(timeout=60)
+            run.procs.check(run.agents)
     finally:
-        procs.stop_all()
-    result.seconds = time.monotonic() - started
-    (workdir / "summary.json").write_text(json.dumps(result.to_json(), indent=1))
-    return result
+        run.procs.stop_all()
+    run.result.seconds = time.monotonic() - started
+    (workdir / "summary.json").write_text(json.dumps(run.result.to_json(), indent=1))
+    return run.result
 
 
 def _dense_bytes(model_path: Path) -> int:
@@ -498,3 +535,32 @@ def _table_row(row: RoundRow, sites: tuple[str, ...]) -> str:
             f"{row.bytes_up / 1e6:.3f}", f"{row.dense_bytes_up / max(row.bytes_up, 1):.1f}",
             f"{row.bytes_down / 1e6:.3f}", f"{row.seconds:.1f}"]
     return "| " + " | ".join(cols) + " |"
+
+
+# ---------------------------------------------------------------------------------------------
+# ``fedseg simulate``
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="simulation TOML ([simulation] + federation sections); default: the built-in demo")
+    parser.add_argument("--workdir", default="runs/demo", help="where data, store, states, logs and models go")
+    parser.add_argument("--resume", action="store_true", help="keep the store and site states of an earlier run")
+
+
+def run(args: argparse.Namespace) -> int:
+    from experiments.plots import plot_runs
+
+    result = run_simulation(args.config, Path(args.workdir), fresh=not args.resume)
+    plots = plot_runs({"this run": result.rows}, result.workdir / "plots") if result.rows else []
+    last = result.rows[-1] if result.rows else None
+    print()
+    if last is not None:
+        print(f"final global Dice on the held-out set: {last.global_metrics['dice']:.4f} "
+              f"(HD95 {last.global_metrics['hd95']:.2f} mm) after {last.round_id} rounds")
+    total_up = sum(r.bytes_up for r in result.rows)
+    total_down = sum(r.bytes_down for r in result.rows)
+    print(f"bytes moved: {total_up / 1e6:.2f} MB up, {total_down / 1e6:.2f} MB down; {result.seconds:.0f}s in all")
+    print(f"summary: {result.workdir / 'summary.json'}; final model: {result.final_model}; logs: {result.workdir / 'logs'}")
+    if plots:
+        print(f"plots: {', '.join(str(p) for p in plots)}")
+    return 0

@@ -56,7 +56,6 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-
 __all__ = [
     "ScannerProfile",
     "DEFAULT_SITE_PROFILES",
@@ -74,7 +73,8 @@ __all__ = [
     "make_tissue_case",
     "generate_federation",
     "describe",
-    "add_cli",
+    "add_arguments",
+    "run",
     "main_generate",
 ]
 
@@ -737,14 +737,7 @@ def generate_federation(
         profiles: one :class:`ScannerProfile` per site; ``None`` takes the first ``sites`` defaults.
     """
     spec = _task_spec(task)
-    if isinstance(sites, bool) or not isinstance(sites, int) or sites < 1:
-        raise ValueError(f"sites must be an int >= 1, got {sites!r}")
-    if isinstance(test_cases, bool) or not isinstance(test_cases, int) or test_cases < 1:
-        raise ValueError(f"test_cases must be an int >= 1, got {test_cases!r}")
-    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 256:
-        raise ValueError(f"size must be an int in [16, 256], got {size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    _check_generation_counts(sites=sites, test_cases=test_cases, size=size, seed=seed)
     spacing = _validate_spacing(spacing_mm)
     counts = _resolve_counts(sites, cases_per_site)
     chosen = _resolve_profiles(sites, profiles)
@@ -779,13 +772,33 @@ def generate_federation(
             f"choose an empty or new folder"
         )
 
-    templates = load_templates(spacing)
+    jobs = [(name, k + 1, count, profile) for k, (name, count, profile) in enumerate(zip(names, counts, chosen))]
+    # Stream 0 is the held-out set: its anatomy never coincides with a site's case.
+    jobs.append(("test", 0, test_cases, HELDOUT_PROFILE))
+    _write_generation(out_dir, jobs, params, templates=load_templates(spacing), task=task, size=size, seed=seed)
+    return data
+
+
+def _check_generation_counts(*, sites: Any, test_cases: Any, size: Any, seed: Any) -> None:
+    if isinstance(sites, bool) or not isinstance(sites, int) or sites < 1:
+        raise ValueError(f"sites must be an int >= 1, got {sites!r}")
+    if isinstance(test_cases, bool) or not isinstance(test_cases, int) or test_cases < 1:
+        raise ValueError(f"test_cases must be an int >= 1, got {test_cases!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 256:
+        raise ValueError(f"size must be an int in [16, 256], got {size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+
+
+def _write_generation(
+    out_dir: Path, jobs: Sequence[tuple[str, int, int, ScannerProfile]], params: dict[str, Any], *,
+    templates: Templates, task: str, size: int, seed: int,
+) -> None:
+    """Write every folder of ``jobs`` (name, random stream, cases, profile) and the manifest into a
+    staging folder beside ``out_dir``, then rename it into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        jobs = [(name, k + 1, count, profile) for k, (name, count, profile) in enumerate(zip(names, counts, chosen))]
-        # Stream 0 is the held-out set: its anatomy never coincides with a site's case.
-        jobs.append(("test", 0, test_cases, HELDOUT_PROFILE))
         files = []
         for name, stream, count, profile in jobs:
             _write_site(staging / name, name=name, stream=stream, cases=count, task=task,
@@ -797,7 +810,6 @@ def generate_federation(
         _move_into_place(staging, out_dir, params)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return data
 
 
 def _move_into_place(staging: Path, out_dir: Path, params: dict[str, Any]) -> None:
@@ -873,15 +885,14 @@ def _run(args: argparse.Namespace, stream: TextIO) -> int:
     return 0
 
 
-def add_cli(subparsers: Any, name: str = "make-data") -> argparse.ArgumentParser:
-    """Register ``fedseg make-data`` on an ``argparse`` subparsers object.
-
-    The sub-command's ``func`` default takes the parsed namespace and returns an exit code.
-    """
-    parser = subparsers.add_parser(name, help="generate federation site data from the MNI152 template")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fedseg make-data``'s options."""
     _add_arguments(parser)
-    parser.set_defaults(func=lambda args: _run(args, sys.stdout))
-    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fedseg make-data``: generate, then print :func:`describe`."""
+    return _run(args, sys.stdout)
 
 
 def main_generate(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int:

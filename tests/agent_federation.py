@@ -19,7 +19,7 @@ import codec
 from aggregator_service.config import FederationConfig, ModelConfig, TrainingSettings
 from aggregator_service.server import Aggregator, RunningServer, serve
 from aggregator_service.store import Store
-from client_agent.agent import AgentSettings, SiteAgent
+from client_agent.agent import AgentSettings, SiteAgent, UpdateTransform
 from client_agent.reporting import Reporter, TensorBoardLog
 from client_agent.transport import AggregatorClient, Backoff
 from experiments.simulate import write_initial_model
@@ -106,7 +106,8 @@ class AgentRun:
 
 
 def run_agent(
-    agent_settings: AgentSettings, *, client: AggregatorClient | None = None, tensorboard: Path | None = None
+    agent_settings: AgentSettings, *, client: AggregatorClient | None = None, tensorboard: Path | None = None,
+    transform_update: UpdateTransform | None = None,
 ) -> AgentRun:
     """Run a real SiteAgent to its end; its JSON log lines are returned parsed."""
     stream = io.StringIO()
@@ -114,7 +115,7 @@ def run_agent(
     reporter = Reporter(fmt="json", stream=stream, tensorboard=TensorBoardLog(tensorboard) if tensorboard else None)
     code: int | None = None
     try:
-        code = SiteAgent(agent_settings, client, reporter).run()
+        code = SiteAgent(agent_settings, client, reporter, transform_update=transform_update).run()
     finally:
         client.close()
         reporter.close()

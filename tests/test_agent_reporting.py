@@ -8,7 +8,9 @@ import io
 import json
 import math
 import os
+import select
 import threading
+import time
 from concurrent import futures
 from typing import Any
 
@@ -19,7 +21,7 @@ import torch
 import model as model_pkg
 from client_agent.agent import RoundOutcome
 from client_agent.reporting import Reporter
-from client_agent.training import EpochProgress, train_local
+from client_agent.training import EpochProgress, LoopSettings, train_local
 from client_agent.transport import RETRYABLE_TRAILER, AggregatorClient, Backoff, Refused
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc
@@ -100,13 +102,24 @@ def test_epoch_json_line_has_loss_and_volumes_per_second() -> None:
     }
 
 
+def _read_line(fd: int, timeout_s: float = 10.0) -> str:
+    """What the terminal received up to its first newline: one read may return only the first write."""
+    data = b""
+    deadline = time.monotonic() + timeout_s
+    while b"\n" not in data and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            data += os.read(fd, 4096)
+    return data.decode()
+
+
 def test_progress_bar_on_a_terminal_and_plain_lines_elsewhere() -> None:
     controller, terminal = os.openpty()
     with os.fdopen(terminal, "w") as tty:
         report = Reporter(fmt="text", stream=tty).progress(round_id=7)
         report(progress(2, volumes=4, seconds=0.5))
         report(progress(4, done=True, volumes=8, seconds=2.0))
-        shown = os.read(controller, 4096).decode()
+        shown = _read_line(controller)
     os.close(controller)
     plain = io.StringIO()
     Reporter(fmt="text", stream=plain).progress(round_id=7)(progress(2, volumes=4, seconds=0.5))
@@ -123,7 +136,8 @@ def test_training_reports_volumes_per_epoch() -> None:
     batches = [{"image": torch.randn(n, 1, 8, 8, 8), "label": torch.randint(0, 2, (n, 1, 8, 8, 8))} for n in (2, 1)]
     seen: list[EpochProgress] = []
 
-    train_local(net, batches, epochs=2, device="cpu", amp=False, loss_fn=model_pkg.DiceCELoss(), progress=seen.append)
+    train_local(net, batches, LoopSettings(epochs=2),
+                device="cpu", loss_fn=model_pkg.DiceCELoss(), progress=seen.append)
 
     assert [(p.epoch, p.step, p.epoch_volumes, p.epoch_done) for p in seen] == [
         (1, 1, 2, False), (1, 2, 3, False), (1, 2, 3, True), (2, 1, 2, False), (2, 2, 3, False), (2, 2, 3, True),

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Iterator
@@ -42,10 +43,19 @@ def _as_unprivileged_user() -> list[str]:
 
 
 def test_smoke_script_skips_with_a_reason_when_not_root() -> None:
-    result = subprocess.run(
-        [*_as_unprivileged_user(), "bash", str(SCRIPTS / "deploy-smoke.sh")],
-        capture_output=True, text=True, timeout=60, cwd="/",
-    )
+    # nobody may not be able to read the clone (a checkout under /root is mode 0700): run a copy
+    # from a folder anyone can read.
+    with tempfile.TemporaryDirectory(prefix="fedseg-smoke-") as tmp:
+        folder = Path(tmp) / "scripts"
+        folder.mkdir()
+        script = folder / "deploy-smoke.sh"
+        shutil.copyfile(SCRIPTS / "deploy-smoke.sh", script)
+        for path in (Path(tmp), folder):
+            path.chmod(0o755)
+        script.chmod(0o644)
+        result = subprocess.run(
+            [*_as_unprivileged_user(), "bash", str(script)], capture_output=True, text=True, timeout=60, cwd="/",
+        )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("SKIP: deploy smoke test: needs root")
 

@@ -20,7 +20,7 @@ from experiments.experiment import (
     run_experiment,
     summarize,
 )
-from experiments.faulty_agent import scale_deltas, scaled_encoder
+from experiments.faulty_agent import scale_deltas, scaled_update
 from experiments.simulate import (
     GlobalEvaluator,
     SimulationSettings,
@@ -205,22 +205,50 @@ def test_scale_deltas_scales_floats_and_passes_counters_through() -> None:
     assert scaled["n"] == 3
 
 
-def test_scaled_encoder_uploads_the_scaled_update_and_keeps_the_residual_unscaled() -> None:
+def test_a_scaled_update_is_encoded_with_the_residual_unscaled() -> None:
     import codec
 
     delta = np.array([0.5, -1.0, 2.0, 0.25], dtype=np.float32)
     residual = {"w": np.array([0.0, 0.0, 0.0, 1.0], dtype=np.float32)}
     spec = codec.CodecSpec(top_k_fraction=0.5)  # sends the 2 largest of (0.5·10, -10, 20, 2.5 + 1)
-    frames, new_residual = scaled_encoder(codec.encode_update, 10.0)([("w", delta)], spec, residual)
+    scaled = scaled_update(10.0)({"w": delta})
+    frames, new_residual = codec.encode_update(list(scaled.items()), spec, residual)  # as the agent encodes
     decoded = dict(codec.decode_frames(list(frames)))
     np.testing.assert_allclose(decoded["w"], [0.0, -10.0, 20.0, 0.0])
     np.testing.assert_allclose(new_residual["w"], [5.0, 0.0, 0.0, 3.5])
 
 
 @pytest.mark.parametrize("factor", [0.0, float("inf"), float("nan")])
-def test_scaled_encoder_refuses_a_meaningless_factor(factor: float) -> None:
+def test_scaled_update_refuses_a_meaningless_factor(factor: float) -> None:
     with pytest.raises(ValueError, match="update scale"):
-        scaled_encoder(lambda *a: a, factor)
+        scaled_update(factor)
+
+
+@pytest.mark.slow
+def test_the_agent_uploads_what_its_update_hook_returns(mni_site: Path, tmp_path: Path) -> None:
+    # The seam the faulty site uses: no monkeypatching, the hook sees θ_local − θ_global and the
+    # aggregator receives the hook's result (one site, lossless codec: θ_2 = θ_1 + what was sent).
+    import codec
+    from agent_federation import Federation, federation_config, run_agent, settings
+    from client_agent.state import SiteState
+
+    seen: list[dict[str, np.ndarray]] = []
+
+    def hook(deltas: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seen.append(deltas)
+        return dict(scale_deltas(deltas, -5.0))
+
+    with Federation(tmp_path / "fed", federation_config()) as fed:
+        run = run_agent(settings(mni_site, tmp_path / "state", fed.target), transform_update=hook)
+        first, second = codec.load_tensors(fed.store.model_path(1)), codec.load_tensors(fed.store.model_path(2))
+
+    assert run.code == 0 and len(seen) == 1
+    state = SiteState(tmp_path / "state")
+    local, global_ = state.read_tensors("local", 1), state.read_tensors("global", 1)
+    for name, delta in seen[0].items():
+        np.testing.assert_array_equal(delta, local[name] - global_[name])
+        if delta.dtype.kind == "f":
+            np.testing.assert_allclose(second[name], first[name] - 5.0 * delta, rtol=1e-5, atol=1e-6)
 
 
 def test_the_faulty_site_of_a_scaled_update_scenario_runs_the_wrapper() -> None:

@@ -26,6 +26,7 @@ import pytest
 
 import codec
 from aggregator_service import rounds
+from aggregator_service.launcher import AggregatorProcess
 from aggregator_service.security import RETRYABLE_METADATA
 from client_agent.transport import AggregatorClient, Backoff, Refused
 from numpy_federation import (
@@ -74,43 +75,11 @@ sites = ["a", "b", "c"]
 """
 
 
-class AggregatorProcess:
-    """``python -m aggregator_service.server`` on one store; restartable on the same port."""
-
-    def __init__(self, root: Path, initial: Path) -> None:
-        self.root, self.initial = root, initial
-        (root / "federation.toml").write_text(FEDERATION_TOML)
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        port_file = self.root / "port"
-        port_file.unlink(missing_ok=True)
-        self.starts += 1
-        log = open(self.root / f"aggregator-{self.starts}.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aggregator_service.server", "--config", str(self.root / "federation.toml"),
-             "--store", str(self.root / "store"), "--initial-model", str(self.initial),
-             "--listen", f"127.0.0.1:{self.port}", "--metrics-listen", "off", "--port-file", str(port_file),
-             "--insecure", "--log-level", "WARNING"],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
-        proc = self.proc
-        wait_for(lambda: port_file.exists() or proc.poll() is not None, "the aggregator to serve")
-        assert proc.poll() is None, (self.root / f"aggregator-{self.starts}.log").read_text()
-        self.port = int(port_file.read_text())
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+def aggregator_process(root: Path, initial: Path) -> AggregatorProcess:
+    """The real ``aggregator-service`` command on one store; restartable on the same port."""
+    (root / "federation.toml").write_text(FEDERATION_TOML)
+    return AggregatorProcess(config=root / "federation.toml", store=root / "store", initial_model=initial,
+                             log_path=root / "aggregator.log", port_file=root / "port", log_level="WARNING")
 
 
 def fast_client(target: str, seed: int) -> AggregatorClient:
@@ -180,7 +149,7 @@ def test_aggregator_killed_at_random_points_ends_with_the_same_global_model(tmp_
     for run in range(KILL_RUNS):
         root = tmp_path / f"run-{run:02d}"
         root.mkdir()
-        aggregator = AggregatorProcess(root, initial)
+        aggregator = aggregator_process(root, initial)
         errors: list[BaseException] = []
         try:
             aggregator.start()
@@ -223,7 +192,7 @@ def committed(store: Path) -> int:
 def kill_and_restart(aggregator: AggregatorProcess, delay: float, phases: list[str]) -> None:
     time.sleep(delay)
     aggregator.kill()
-    store = aggregator.root / "store"
+    store = aggregator.store
     state = json.loads((store / "state.json").read_text()) if (store / "state.json").exists() else {}
     if state.get("state") == rounds.FINISHED:
         phases.append("finished")

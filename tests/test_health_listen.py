@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,7 +25,8 @@ from aggregator_service.security import server_credentials
 from aggregator_service.server import SERVICE_NAME, Aggregator, RunningServer, serve
 from aggregator_service.store import Store
 from client_agent.tls import channel_credentials
-from experiments import certs
+from aggregator_service import certs
+from aggregator_service.launcher import AggregatorProcess
 from numpy_federation import config, model
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc
@@ -199,26 +197,15 @@ def test_the_command_serves_health_from_FEDSEG_HEALTH_LISTEN(tmp_path: Path, pki
     cert, key = certs.server_paths(pki, "aggregator")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSEG_")}
     env["FEDSEG_HEALTH_LISTEN"] = "127.0.0.1:0"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aggregator_service.server", "--config", str(tmp_path / "f.toml"),
-         "--store", str(tmp_path / "store"), "--initial-model", str(initial), "--listen", "127.0.0.1:0",
-         "--metrics-listen", "off", "--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(pki / certs.CA_CERT)],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    aggregator = AggregatorProcess(
+        config=tmp_path / "f.toml", store=tmp_path / "store", initial_model=initial, log_path=tmp_path / "agg.log",
+        env=env, extra_args=["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(pki / certs.CA_CERT)],
     )
-    try:
-        assert proc.stderr is not None
-        lines, found = [], None
-        for line in proc.stderr:  # the port is logged once both servers are up
-            lines.append(line)
-            found = re.search(r"health service \(plaintext, health only\) on port (\d+)", line)
-            if found:
-                break
-        assert found, "".join(lines)
+    with aggregator:  # serving: the port file is written after both servers are up and logged
+        found = re.search(r"health service \(plaintext, health only\) on port (\d+)", aggregator.log_path.read_text())
+        assert found, aggregator.log_tail()
         with grpc.insecure_channel(f"127.0.0.1:{found.group(1)}") as plaintext:
             status = _check(plaintext, SERVICE_NAME)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
 
     assert status == SERVING
-    assert proc.returncode == 0, err
+    assert aggregator.proc is not None and aggregator.proc.returncode == 0, aggregator.log_tail()

@@ -9,11 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import stat
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -36,7 +32,9 @@ from aggregator_service.security import (
     server_credentials,
 )
 from client_agent.tls import channel_credentials
-from experiments import certs
+from aggregator_service import certs
+from aggregator_service.launcher import AggregatorProcess
+from fedseg.cli import main as fedseg_main
 from numpy_federation import (
     Served,
     config,
@@ -326,14 +324,14 @@ def test_insecure_mode_warns_and_tls_mode_requires_client_identity(
 def test_certs_command_line_makes_a_usable_pki(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = str(tmp_path / "pki")
 
-    assert certs.main(["init", "--dir", d]) == 0
-    assert certs.main(["server", "--dir", d, "--dns", "aggregator.svc", "--ip", "10.0.0.1"]) == 0
-    assert certs.main(["site", "site-1", "--dir", d]) == 0
-    assert certs.main(["site", "site-1", "--dir", d]) == 2  # exists: needs --rotate
-    assert certs.main(["site", "../x", "--dir", d]) == 2
-    assert certs.main(["revoke", "site-1", "--dir", d, "--serial-only"]) == 0
-    assert certs.main(["revoke", "site-2", "--dir", d]) == 0
-    assert certs.main(["revoke", "site-2", "--dir", d]) == 0  # idempotent
+    assert fedseg_main(["certs", "init", "--dir", d]) == 0
+    assert fedseg_main(["certs", "server", "--dir", d, "--dns", "aggregator.svc", "--ip", "10.0.0.1"]) == 0
+    assert fedseg_main(["certs", "site", "site-1", "--dir", d]) == 0
+    assert fedseg_main(["certs", "site", "site-1", "--dir", d]) == 2  # exists: needs --rotate
+    assert fedseg_main(["certs", "site", "../x", "--dir", d]) == 2
+    assert fedseg_main(["certs", "revoke", "site-1", "--dir", d, "--serial-only"]) == 0
+    assert fedseg_main(["certs", "revoke", "site-2", "--dir", d]) == 0
+    assert fedseg_main(["certs", "revoke", "site-2", "--dir", d]) == 0  # idempotent
 
     err = capsys.readouterr().err
     assert "pass --rotate" in err and "'../x' is not valid" in err
@@ -369,20 +367,13 @@ def test_the_aggregator_command_serves_mutual_tls(tmp_path: Path, pki: Path) -> 
     initial = tmp_path / "initial.frames"
     codec.save_tensors(initial, list(INITIAL.items()))
     cert, key = certs.server_paths(pki, "aggregator")
-    port_file = tmp_path / "port"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aggregator_service.server", "--config", str(tmp_path / "f.toml"),
-         "--store", str(tmp_path / "store"), "--initial-model", str(initial), "--listen", "127.0.0.1:0",
-         "--metrics-listen", "off", "--port-file", str(port_file), "--tls-cert", str(cert), "--tls-key", str(key),
-         "--tls-ca", str(pki / certs.CA_CERT), "--revoked", str(pki / certs.REVOKED)],
-        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    aggregator = AggregatorProcess(
+        config=tmp_path / "f.toml", store=tmp_path / "store", initial_model=initial, log_path=tmp_path / "agg.log",
+        extra_args=["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(pki / certs.CA_CERT),
+                    "--revoked", str(pki / certs.REVOKED)],
     )
-    try:
-        end = time.monotonic() + 30
-        while not port_file.exists() and proc.poll() is None and time.monotonic() < end:
-            time.sleep(0.01)
-        target = f"localhost:{port_file.read_text()}"
-
+    with aggregator:
+        target = f"localhost:{aggregator.port}"  # the name in the server certificate
         with grpc.secure_channel(target, site_credentials(pki, "b")) as channel:
             joined = pb_grpc.AggregatorServiceStub(channel).Join(pb.JoinRequest(site="b"), timeout=30)
         with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as plaintext:
@@ -390,8 +381,5 @@ def test_the_aggregator_command_serves_mutual_tls(tmp_path: Path, pki: Path) -> 
 
         assert joined.round.round_id == 1
         assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err.decode()
-    assert b"(mutual TLS)" in err
+    assert aggregator.proc is not None and aggregator.proc.returncode == 0, aggregator.log_tail()
+    assert "(mutual TLS)" in aggregator.log_path.read_text()
