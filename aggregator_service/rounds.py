@@ -28,7 +28,8 @@ import numpy as np
 import zstandard
 
 import codec
-from aggregator_service import aggregation, strategies
+from aggregator_service import aggregation
+from aggregator_service.aam import SiteStats
 from aggregator_service.config import FederationConfig
 from aggregator_service.errors import (
     ConflictingSubmission,
@@ -527,6 +528,19 @@ def commit_update(
 # closing a round
 
 
+def site_stats(record: Mapping[str, Any]) -> SiteStats:
+    """A strategy's view of one committed submission (its record in the store)."""
+    metrics = record.get("metrics", {})
+    return SiteStats(
+        site=record["site"],
+        sample_count=int(record["sample_count"]),
+        dice=metrics.get("dice"),
+        hd95=metrics.get("hd95"),
+        update_norm=float(record["update_norm"]),
+        finite=True,  # non-finite updates are refused at submission
+    )
+
+
 def due_to_close(store: Store, config: FederationConfig, *, now: float) -> bool:
     state = read_state(store)
     if state["state"] == FINISHED:
@@ -668,7 +682,7 @@ def close_round(store: Store, config: FederationConfig, *, now: float, clock: Ca
     """Aggregate the open round's submissions into the next global model and open the next round.
 
     Deterministic in what the store holds: sites are taken in name order, every tensor is
-    accumulated in that order (see ``strategies.RoundAggregator.apply``), and the model is written
+    accumulated in that order (see ``strategies.Strategy.apply``), and the model is written
     losslessly. Tensor by tensor, every site's frames of the tensor are read, decoded and added
     one frame at a time, so memory is a few copies of the largest tensor plus one small read
     buffer per site (times the number of sites for median and trimmed mean only, which need every
@@ -681,9 +695,9 @@ def close_round(store: Store, config: FederationConfig, *, now: float, clock: Ca
     if not sites:
         raise WrongRound(f"round {round_id} has no submissions to aggregate")
     records = [store.read_submission(round_id, s) for s in sites]
-    strategy = strategies.build(config.strategy, config.strategy_options)
-    weights, factors = strategy.weights(records)
-    state_in = strategy.load_state(store, round_id)
+    strategy = config.aggregation
+    weights, factors = strategy.weights([site_stats(r) for r in records])
+    state_in = strategy.load_state(store.model_path(round_id))
     src = store.model_path(round_id)
     dst = store.model_path(round_id + 1)
 
@@ -712,7 +726,7 @@ def close_round(store: Store, config: FederationConfig, *, now: float, clock: Ca
         specs, digest = _write_model(dst, tensors)
     finally:
         tensors.close()  # closes the sites' files now, also when writing failed
-    strategy.save_state(store, round_id + 1, state_in)
+    strategy.save_state(dst, state_in)
     _write_manifest(store, round_id + 1, specs, digest)
     result = {
         "round_id": round_id,

@@ -33,7 +33,15 @@ from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, Sequen
 
 import grpc
 
-from aggregator_service.errors import AggregatorError
+from aggregator_service.errors import (
+    BrokenStream,
+    IdentityMismatch,
+    MalformedMessage,
+    Revoked,
+    TooManyStreams,
+    Unauthenticated,
+    UploadTimeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,42 +58,7 @@ _HEX = re.compile(r"^(0x)?[0-9a-fA-F]+$")
 # refusals (counted like every AggregatorError under their reason)
 
 
-class Unauthenticated(AggregatorError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "unauthenticated"
-
-
-class Revoked(AggregatorError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "revoked"
-
-
-class IdentityMismatch(AggregatorError):
-    code = grpc.StatusCode.PERMISSION_DENIED
-    reason = "identity_mismatch"
-
-
-class TooManyStreams(AggregatorError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "too_many_streams"
-    retryable = True  # the site's other stream will end (or time out)
-
-
-class UploadTimeout(AggregatorError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-    reason = "upload_timeout"
-
-
-class BrokenStream(AggregatorError):
-    """The peer went away mid-stream (cancelled, connection lost): nothing of it is kept."""
-
-    code = grpc.StatusCode.CANCELLED
-    reason = "broken_stream"
-
-
-class MalformedMessage(AggregatorError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = "malformed_message"
+# (defined in errors.py, with every other refusal of the aggregator)
 
 
 # ---------------------------------------------------------------------------------------------

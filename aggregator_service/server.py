@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from aggregator_service import downloads, rounds
 from aggregator_service.config import ConfigError, FederationConfig, load_federation_config
-from aggregator_service.errors import AggregatorError, StoreError
+from aggregator_service.errors import AggregatorError, StoreError, StoreFull
 from aggregator_service.metrics import Histogram, render, serve_metrics
 from aggregator_service.security import Gate, RevocationList, StreamLimits, env_flag, server_credentials
 from aggregator_service.servicer import AggregatorServicer, add_to_server
@@ -44,14 +44,6 @@ DEFAULT_LISTEN = "0.0.0.0:50051"
 MAX_CONCURRENT_SPOOLS = 4
 DEFAULT_METRICS_LISTEN = "0.0.0.0:9090"
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-class StoreFull(StoreError):
-    """The store's disk (or quota) is full: nothing was committed; retry once space is freed."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "store_full"
-    retryable = True  # once the operator frees space
 
 
 def _store_failure(exc: OSError, what: str) -> StoreError:

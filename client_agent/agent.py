@@ -23,7 +23,6 @@ Bad data is refused before the aggregator is contacted (:func:`check_data`), and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -53,6 +52,7 @@ from client_agent.state import SiteState
 from client_agent.training import TrainingError, evaluate, pick_device, seed_everything, train_local
 from client_agent.transport import AggregatorClient, HeldModel, Refused
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
+from protos.fedsegnet.v1.local_metrics import LOCAL_METRIC_NAMES, SEGMENTATION_METRIC_NAMES
 
 log = logging.getLogger("client_agent")
 
@@ -68,7 +68,7 @@ __all__ = [
     "update_header",
 ]
 
-METRICS = ("dice", "hd95", "iou", "precision", "recall")
+METRICS = SEGMENTATION_METRIC_NAMES
 # Label values are checked against this bound when the federation's class count is not known yet:
 # the check then still finds unreadable files, shape mismatches and non-integer labels.
 _ANY_CLASS_COUNT = 2**31
@@ -211,7 +211,7 @@ def update_header(site: str, round_id: int, pending: Mapping[str, Any]) -> pb.Up
         round_id=round_id,
         sample_count=pending["sample_count"],
         metrics=pb.LocalMetrics(
-            **{k: pending["metrics"][k] for k in (*METRICS, "train_loss", "train_seconds")},
+            **{k: pending["metrics"][k] for k in LOCAL_METRIC_NAMES},
             validation_cases=pending["validation_cases"],
             extra=pending["extra"],
         ),
@@ -466,17 +466,8 @@ class SiteAgent:
             privacy = {"dp/clip_norm": report.clip_norm, "dp/noise_multiplier": report.noise_multiplier,
                        "dp/update_norm": report.norm, "dp/clip_scale": report.scale}
         encoded = codec.encode_update(list(deltas.items()), spec, self.state.residual())
-        sha = hashlib.sha256()
-        chunks = 0
-
-        def counted() -> Iterator[bytes]:
-            nonlocal chunks
-            for frame in encoded.frames:
-                sha.update(frame)
-                chunks += 1
-                yield frame
-
-        self.state.write_frames("pending", r, counted())
+        counted = codec.DigestingFrames(encoded.frames)
+        self.state.write_frames("pending", r, counted)
         self.state.write_tensors("residual", r, encoded.residual.items())
         metrics = {k: float(scores[k]) for k in METRICS}
         metrics["train_loss"] = float(trained.final_loss)
@@ -497,8 +488,8 @@ class SiteAgent:
             "codec": {f: getattr(spec, f) for f in spec.__dataclass_fields__},
             "bytes_downloaded": downloaded.nbytes,
             "dense_bytes": int(sum(4 * a.size for a in global_arrays.values())),
-            "digest": sha.hexdigest(),
-            "chunks": chunks,
+            "digest": counted.hexdigest(),
+            "chunks": counted.count,
         }
         self.state.save_pending(r, pending)
         return pending
