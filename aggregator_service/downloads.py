@@ -24,7 +24,6 @@ Plain functions over the store, like ``rounds.py``; the servicer calls :func:`ch
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ import numpy as np
 
 import codec
 from aggregator_service import rounds
-from aggregator_service.errors import AggregatorError
+from aggregator_service.errors import AggregatorError, StoreError
+from aggregator_service.records import DeltaRecord
 from aggregator_service.store import Store
 
 log = logging.getLogger(__name__)
@@ -80,28 +80,21 @@ def delta_paths(store: Store, base_round: int, round_id: int) -> tuple[Path, Pat
     return frames, frames.with_name(frames.name + ".json")
 
 
-def _frames_digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    for frame in iter_frames(path):
-        sha.update(frame)
-    return sha.hexdigest()
-
-
-def _cached(store: Store, base_round: int, round_id: int, base_digest: str, model_digest: str) -> dict[str, Any] | None:
+def _cached(store: Store, base_round: int, round_id: int, base_digest: str, model_digest: str) -> DeltaRecord | None:
     """The record of a usable cached delta, or None (missing, stale or damaged: build it again)."""
     frames, record_path = delta_paths(store, base_round, round_id)
     try:
-        record = store.read_json(record_path.relative_to(store.root))
-    except (ValueError, OSError):  # a damaged record is only a lost cache entry
+        record = store.read_record(record_path.relative_to(store.root), DeltaRecord.from_json)
+    except (StoreError, OSError):  # a damaged record is only a lost cache entry
         return None
-    if not isinstance(record, dict):
+    if record is None:
         return None
-    if record.get("base_digest") != base_digest or record.get("model_digest") != model_digest:
+    if record.base_digest != base_digest or record.model_digest != model_digest:
         return None
-    if not record.get("reproducible"):
+    if not record.reproducible:
         return record  # nothing to stream: the full model is sent
     try:
-        if frames.stat().st_size != record.get("bytes") or _frames_digest(frames) != record.get("delta_digest"):
+        if frames.stat().st_size != record.bytes or codec.file_digest(frames) != record.delta_digest:
             raise codec.CodecError("frames do not match the record")
     except (OSError, codec.CodecError) as exc:
         log.warning("cached delta %s is unusable (%s); computing it again", frames.name, exc)
@@ -109,7 +102,7 @@ def _cached(store: Store, base_round: int, round_id: int, base_digest: str, mode
     return record
 
 
-def _build(store: Store, base_round: int, round_id: int, base_digest: str, model_digest: str) -> dict[str, Any]:
+def _build(store: Store, base_round: int, round_id: int, base_digest: str, model_digest: str) -> DeltaRecord:
     """Compute the delta from the two model files and cache it (frames first, then the record).
 
     The new model is also re-encoded losslessly on the way (one tensor at a time) and hashed:
@@ -117,8 +110,7 @@ def _build(store: Store, base_round: int, round_id: int, base_digest: str, model
     (a file written by another codec version would not), and the delta is marked reproducible.
     """
     frames_path, record_path = delta_paths(store, base_round, round_id)
-    reencoded = hashlib.sha256()
-    delta_sha = hashlib.sha256()
+    reencoded = codec.DigestingFrames()
 
     def new_tensors(fh: Any) -> Iterator[tuple[str, np.ndarray]]:
         for name, array in codec.decode_frames(codec.read_frames(fh)):
@@ -126,15 +118,11 @@ def _build(store: Store, base_round: int, round_id: int, base_digest: str, model
                 reencoded.update(frame)
             yield name, array
 
-    def hashed(frames: Iterator[bytes]) -> Iterator[bytes]:
-        for frame in frames:
-            delta_sha.update(frame)
-            yield frame
-
     with open(store.model_path(base_round), "rb") as old_fh, open(store.model_path(round_id), "rb") as new_fh:
         old = codec.decode_frames(codec.read_frames(old_fh))
+        delta = codec.DigestingFrames(codec.encode_model_delta(old, new_tensors(new_fh)))
         with codec.atomic_writer(frames_path) as out:
-            nbytes = codec.write_frames(out, hashed(codec.encode_model_delta(old, new_tensors(new_fh))))
+            nbytes = codec.write_frames(out, delta)
     reproducible = reencoded.hexdigest() == model_digest
     if not reproducible:
         log.warning(
@@ -142,16 +130,16 @@ def _build(store: Store, base_round: int, round_id: int, base_digest: str, model
             "sites get the full model instead of a delta from round %d", round_id, base_round,
         )
         frames_path.unlink(missing_ok=True)
-    record = {
-        "base_round": base_round,
-        "round_id": round_id,
-        "base_digest": base_digest,
-        "model_digest": model_digest,
-        "delta_digest": delta_sha.hexdigest() if reproducible else "",
-        "bytes": nbytes if reproducible else 0,
-        "reproducible": reproducible,
-    }
-    store.write_json(record_path.relative_to(store.root), record)
+    record = DeltaRecord(
+        base_round=base_round,
+        round_id=round_id,
+        base_digest=base_digest,
+        model_digest=model_digest,
+        delta_digest=delta.hexdigest() if reproducible else "",
+        bytes=nbytes if reproducible else 0,
+        reproducible=reproducible,
+    )
+    store.write_record(record_path.relative_to(store.root), record)
     return record
 
 
@@ -161,7 +149,7 @@ def _builder_lock(store: Store, base_round: int, round_id: int) -> threading.Loc
         return _builders.setdefault(key, threading.Lock())
 
 
-def ensure_delta(store: Store, base_round: int, round_id: int) -> dict[str, Any]:
+def ensure_delta(store: Store, base_round: int, round_id: int) -> DeltaRecord:
     """The record of the delta from ``base_round``'s model to ``round_id``'s, computing it if needed.
 
     Returns the record (``reproducible``, ``bytes``, ``delta_digest``, both models' digests); the
@@ -171,8 +159,8 @@ def ensure_delta(store: Store, base_round: int, round_id: int) -> dict[str, Any]
         NotFound: either model is not in the store.
         codec.CodecError, OSError: a model file cannot be read or the models do not match.
     """
-    base_digest = rounds.read_manifest(store, base_round)["digest"]
-    model_digest = rounds.read_manifest(store, round_id)["digest"]
+    base_digest = rounds.read_manifest(store, base_round).digest
+    model_digest = rounds.read_manifest(store, round_id).digest
     record = _cached(store, base_round, round_id, base_digest, model_digest)
     if record is not None:
         return record
@@ -201,7 +189,7 @@ def choose_download(
     if have_round <= 0 or have_round >= round_id or not store.model_path(have_round).exists():
         return full
     try:
-        if have_digest and have_digest != rounds.read_manifest(store, have_round)["digest"]:
+        if have_digest and have_digest != rounds.read_manifest(store, have_round).digest:
             log.info("a site holds a round %d model that is not the store's; sending round %d in full",
                      have_round, round_id)
             return full
@@ -209,7 +197,7 @@ def choose_download(
     except (AggregatorError, codec.CodecError, OSError) as exc:
         log.warning("no delta from round %d to round %d (%s); sending the full model", have_round, round_id, exc)
         return full
-    if not record["reproducible"] or record["bytes"] >= full.nbytes:
+    if not record.reproducible or record.bytes >= full.nbytes:
         return full
     return ModelDownload(round_id, model_digest, have_round, delta_paths(store, have_round, round_id)[0],
-                         int(record["bytes"]))
+                         record.bytes)

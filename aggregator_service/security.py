@@ -36,7 +36,6 @@ import grpc
 from aggregator_service.errors import (
     BrokenStream,
     IdentityMismatch,
-    MalformedMessage,
     Revoked,
     TooManyStreams,
     Unauthenticated,

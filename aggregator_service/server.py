@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+import codec
 from aggregator_service import downloads, rounds
 from aggregator_service.config import ConfigError, FederationConfig, load_federation_config
 from aggregator_service.errors import AggregatorError, StoreError, StoreFull
@@ -414,9 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("federation %r serving on port %d (%s), store %s", config.federation_id, running.port,
              "mutual TLS" if credentials else "PLAINTEXT", args.store)
     if args.port_file:
-        tmp = Path(args.port_file + ".tmp")
-        tmp.write_text(str(running.port))
-        tmp.replace(args.port_file)
+        codec.atomic_write_text(args.port_file, str(running.port))
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

@@ -23,8 +23,8 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from aggregator_service import wire
-from aggregator_service.errors import AggregatorError, InvalidUpdate
-from aggregator_service.security import RETRYABLE_METADATA, BrokenStream, Gate, MalformedMessage
+from aggregator_service.errors import AggregatorError, BrokenStream, InvalidUpdate, MalformedMessage
+from aggregator_service.security import RETRYABLE_METADATA, Gate
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc
 
