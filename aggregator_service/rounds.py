@@ -54,7 +54,16 @@ from aggregator_service.records import (
 from aggregator_service.store import Store
 from codec.frame import FrameHeader, unpack_frame
 from codec.stream import decode_part
-from protos.fedsegnet.v1.local_metrics import LOCAL_METRIC_NAMES
+from protos.fedsegnet.v1.local_metrics import (
+    EXTRA_METRIC_RANGE,
+    LOCAL_METRIC_NAMES,
+    MAX_EXTRA_METRICS,
+    MAX_EXTRA_NAME_CHARS,
+    MAX_SAMPLE_COUNT,
+    MAX_VALIDATION_CASES,
+    METRIC_RANGES,
+    check_metric,
+)
 
 log = logging.getLogger(__name__)
 
@@ -363,12 +372,45 @@ def check_header(store: Store, config: FederationConfig, header: UpdateHeader) -
         raise WrongRound(
             f"update for round {header.round_id} refused: the current round is {state.round_id}"
         )
-    if header.sample_count < 1:
-        raise InvalidUpdate(f"sample_count must be >= 1, got {header.sample_count}", reason="bad_header")
-    for name, value in {**header.metrics, **header.extra_metrics}.items():
-        if not math.isfinite(value):
-            raise InvalidUpdate(f"metric {name!r} is not finite ({value})", reason="bad_header")
+    check_header_values(header)
     return read_manifest(store, header.round_id)
+
+
+def check_header_values(header: UpdateHeader) -> None:
+    """Refuse any value of a header outside its documented range (``protos/.../local_metrics.py``).
+
+    Every value a site sends is checked here, before anything is stored: a value no strategy can
+    use (a Dice of 1.5, an HD95 of -1) or no response can carry (``validation_cases`` = 1e30)
+    must never reach the store, where it would break every later read of the round.
+
+    Raises:
+        InvalidUpdate: naming the field, its value and the allowed range (reason ``bad_header``).
+    """
+    def refuse(message: str) -> InvalidUpdate:
+        return InvalidUpdate(f"UpdateHeader: {message}", reason="bad_header")
+
+    if not 1 <= header.sample_count <= MAX_SAMPLE_COUNT:
+        raise refuse(f"sample_count must be in [1, {MAX_SAMPLE_COUNT}], got {header.sample_count}")
+    if not 0 <= header.bytes_downloaded < 2**53:
+        raise refuse(f"bytes_downloaded must be in [0, 2^53), got {header.bytes_downloaded}")
+    for name, value in header.metrics.items():
+        if name not in METRIC_RANGES:
+            raise refuse(f"metrics.{name} is not a LocalMetrics field; allowed: {list(METRIC_RANGES)}")
+        problem = check_metric(name, value)
+        if problem:
+            raise refuse(f"metrics.{problem}")
+    extra = dict(header.extra_metrics)
+    cases = extra.pop("validation_cases", 0.0)
+    if not (math.isfinite(cases) and cases == int(cases) and 0 <= cases <= MAX_VALIDATION_CASES):
+        raise refuse(f"metrics.validation_cases must be a whole number in [0, {MAX_VALIDATION_CASES}], got {cases!r}")
+    if len(extra) > MAX_EXTRA_METRICS:
+        raise refuse(f"metrics.extra holds {len(extra)} entries, at most {MAX_EXTRA_METRICS} are accepted")
+    low, high = EXTRA_METRIC_RANGE
+    for name, value in extra.items():
+        if not 0 < len(name) <= MAX_EXTRA_NAME_CHARS:
+            raise refuse(f"metrics.extra name {name[:80]!r} must be 1-{MAX_EXTRA_NAME_CHARS} characters long")
+        if not (math.isfinite(value) and low <= value <= high):
+            raise refuse(f"metrics.extra[{name!r}] must be finite and in [{low:g}, {high:g}], got {value!r}")
 
 
 def max_update_bytes(config: FederationConfig, manifest: ModelManifest) -> int:

@@ -12,7 +12,12 @@ import math
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 
 __all__ = [
+    "EXTRA_METRIC_RANGE",
     "LOCAL_METRIC_NAMES",
+    "MAX_EXTRA_METRICS",
+    "MAX_EXTRA_NAME_CHARS",
+    "MAX_SAMPLE_COUNT",
+    "MAX_VALIDATION_CASES",
     "METRIC_RANGES",
     "SEGMENTATION_METRIC_NAMES",
     "TRAINING_METRIC_NAMES",
@@ -44,11 +49,22 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
 assert set(METRIC_RANGES) == set(LOCAL_METRIC_NAMES), "a LocalMetrics field without a documented range"
 
 
+MAX_EXTRA_METRICS = 64
+"""``LocalMetrics.extra`` holds at most this many entries (per-class Dice of up to ~60 classes, DP
+figures): it bounds what every ``GetRoundMetrics`` response carries per site."""
+MAX_EXTRA_NAME_CHARS = 64
+EXTRA_METRIC_RANGE = (-1e12, 1e12)
+"""Closed range of every ``extra`` value (finite, and far from float overflow when averaged)."""
+MAX_SAMPLE_COUNT = 10**9
+"""``UpdateHeader.sample_count`` is in [1, MAX_SAMPLE_COUNT]: no site trains on more volumes."""
+MAX_VALIDATION_CASES = 10**6
+
+
 def check_metric(name: str, value: float) -> str | None:
     """Why ``value`` is not acceptable for metric ``name`` (None when it is)."""
     if not math.isfinite(value):
-        return f"metric {name!r} is not finite ({value})"
+        return f"{name} is not finite ({value})"
     low, high = METRIC_RANGES[name]
     if not low <= value <= high:
-        return f"metric {name!r} must be in [{low:g}, {high:g}], got {value!r}"
+        return f"{name} must be in [{low:g}, {high:g}], got {value!r}"
     return None

@@ -1,0 +1,229 @@
+"""A hostile or broken site against a real aggregator process (127.0.0.1, port 0, one per attack).
+
+Each test reproduces one attack that once stalled, starved or poisoned the federation, and pins
+the defence. The processes run with short limits (a header within 1 s, ...) so the suite stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+import aggregator_service
+import codec
+from protos.fedsegnet.v1 import aggregator_pb2 as pb
+from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+# The repository whose aggregator_service is imported: the process runs the same code.
+REPO = Path(aggregator_service.__file__).resolve().parents[1]
+MODEL = {"w": np.linspace(-1.0, 1.0, 6, dtype=np.float32).reshape(2, 3), "b": np.zeros(4, np.float32)}
+
+
+def federation_toml(sites: tuple[str, ...] = ("a", "b"), *, clients: int = 2, strategy: str = "fedavg",
+                    rounds: int = 3, timeout_s: float = 3600.0) -> str:
+    names = ", ".join(f'"{s}"' for s in sites)
+    return (f'[federation]\nid = "attack"\nrounds = {rounds}\nmin_clients = {clients}\nmax_clients = {clients}\n'
+            f"round_timeout_s = {timeout_s}\nsites = [{names}]\n[aggregation]\nstrategy = \"{strategy}\"\n")
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Aggregator:
+    """``python -m aggregator_service.server`` on a store in ``root`` (plaintext, loopback, port 0)."""
+
+    def __init__(self, root: Path, toml: str, model: Mapping[str, np.ndarray] = MODEL, *args: str) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "federation.toml").write_text(toml)
+        self.initial = root / "initial.frames"
+        codec.save_tensors(self.initial, model.items())
+        self.args = list(args)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel: grpc.Channel | None = None
+        self.starts = 0
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "aggregator_service.server", "--config", str(self.root / "federation.toml"),
+                "--store", str(self.store), "--initial-model", str(self.initial), "--listen", "127.0.0.1:0",
+                "--port-file", str(self.root / "port"), "--insecure", "--log-level", "INFO",
+                *(["--metrics-listen", "off"] if "--metrics-listen" not in self.args else []), *self.args]
+
+    def start(self) -> Aggregator:
+        (self.root / "port").unlink(missing_ok=True)
+        self.starts += 1
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.command(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONPATH": str(REPO)})
+        proc = self.proc
+        wait_for(lambda: (self.root / "port").exists() or proc.poll() is not None, "the aggregator to serve")
+        assert proc.poll() is None, self.log()
+        self.port = int((self.root / "port").read_text())
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        return self
+
+    def start_fails(self) -> str:
+        """Start, expecting the process to refuse (exit 2); its output."""
+        done = subprocess.run(self.command(), cwd=REPO, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+        return done.stderr
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / f"aggregator-{self.starts}.log"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stub(self) -> pb_grpc.AggregatorServiceStub:
+        assert self.channel is not None
+        return pb_grpc.AggregatorServiceStub(self.channel)
+
+    def stop(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    # -- what an honest (or not) site sends ------------------------------------------------------
+    def submit(self, site: str, deltas: Mapping[str, np.ndarray], *, round_id: int = 1, sample_count: int = 10,
+               metrics: pb.LocalMetrics | None = None, timeout: float = 10.0) -> pb.SubmitUpdateResponse:
+        frames = list(codec.encode_tensors(deltas.items(), codec.LOSSLESS))
+        header = pb.UpdateHeader(site=site, round_id=round_id, sample_count=sample_count,
+                                 metrics=metrics or pb.LocalMetrics(dice=0.8, hd95=2.0))
+        messages = [pb.SubmitUpdateRequest(header=header), *(pb.SubmitUpdateRequest(frame=f) for f in frames),
+                    pb.SubmitUpdateRequest(commit=pb.UpdateCommit(chunk_count=len(frames),
+                                                                  digest=codec.frames_digest(frames)))]
+        return self.stub().SubmitUpdate(iter(messages), timeout=timeout)
+
+    def model(self, round_id: int = 0) -> dict[str, np.ndarray]:
+        chunks = self.stub().DownloadModel(pb.DownloadModelRequest(round_id=round_id, site="a"), timeout=10)
+        return dict(codec.decode_frames(c.frame for c in chunks))
+
+    def round(self) -> pb.Round:
+        return self.stub().GetRound(pb.GetRoundRequest(site="a"), timeout=5).round
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Callable[..., Aggregator]]:
+    started: list[Aggregator] = []
+
+    def make(toml: str, *args: str, model: Mapping[str, np.ndarray] = MODEL, start: bool = True) -> Aggregator:
+        aggregator = Aggregator(tmp_path / f"agg{len(started)}", toml, model, *args)
+        started.append(aggregator)
+        return aggregator.start() if start else aggregator
+
+    yield make
+    for aggregator in started:
+        aggregator.stop()
+
+
+def small(scale: float) -> dict[str, np.ndarray]:
+    return {name: np.full(array.shape, scale, array.dtype) for name, array in MODEL.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. one header must not stall the federation
+
+
+OUT_OF_RANGE = [
+    (pb.LocalMetrics(dice=1.5), 10, "metrics.dice must be in [0, 1], got 1.5"),
+    (pb.LocalMetrics(dice=-0.01), 10, "metrics.dice must be in [0, 1]"),
+    (pb.LocalMetrics(hd95=-1.0), 10, "metrics.hd95 must be in [0, 1e+06]"),
+    (pb.LocalMetrics(extra={"validation_cases": 1e30}), 10, "metrics.validation_cases must be a whole number"),
+    (pb.LocalMetrics(extra={f"x/{i}": 1.0 for i in range(65)}), 10, "metrics.extra holds 65 entries, at most 64"),
+    (pb.LocalMetrics(extra={"dice/1": 1e300}), 10, "metrics.extra['dice/1'] must be finite and in"),
+    (pb.LocalMetrics(), 10**12, "sample_count must be in [1, 1000000000]"),
+]
+
+
+def test_out_of_range_header_values_are_refused_by_name(launch) -> None:
+    aggregator = launch(federation_toml(clients=1))
+
+    for metrics, sample_count, message in OUT_OF_RANGE:
+        with pytest.raises(grpc.RpcError) as refused:
+            aggregator.submit("a", small(0.1), metrics=metrics, sample_count=sample_count)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, message
+        assert message in refused.value.details()
+
+    aggregator.submit("a", small(0.1))  # an honest upload still closes the round
+    wait_for(lambda: aggregator.round().round_id == 2, "round 1 to close")
+
+
+def test_a_stored_record_that_cannot_be_aggregated_is_left_out_and_the_round_closes(launch) -> None:
+    aggregator = launch(federation_toml(strategy="aam"))
+    aggregator.submit("a", small(0.1))
+    aggregator.stop()
+    # As an older release stored it (it checked finiteness only).
+    record_path = aggregator.store / "rounds" / "0001" / "a.json"
+    record = json.loads(record_path.read_text())
+    record["metrics"]["dice"] = 1.5
+    record["extra_metrics"]["validation_cases"] = 1e30
+    record_path.write_text(json.dumps(record))
+    aggregator.start()
+
+    aggregator.submit("b", small(0.2))
+
+    wait_for(lambda: aggregator.round().round_id == 2, "round 1 to close")
+    metrics = aggregator.stub().GetRoundMetrics(pb.GetRoundMetricsRequest(round_id=1), timeout=5)
+    assert [s.site for s in metrics.sites] == ["b"]
+    result = json.loads((aggregator.store / "rounds" / "0001" / "_result.json").read_text())
+    assert "dice of site 'a' must be in [0, 1]" in result["excluded"]["a"]
+    np.testing.assert_allclose(aggregator.model()["w"], MODEL["w"] + 0.2, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. a non-finite global model is never written or served
+
+
+def test_a_non_finite_aggregate_is_not_published(launch) -> None:
+    model = {"w": np.full((2, 3), 3e38, np.float32), "b": np.zeros(4, np.float32)}
+    aggregator = launch(federation_toml(clients=1), model=model)
+    first = aggregator.round().global_model_digest
+
+    aggregator.submit("a", {"w": np.full((2, 3), 3e38, np.float32), "b": np.zeros(4, np.float32)},
+                      sample_count=10**9)
+
+    wait_for(lambda: aggregator.round().round_id == 2, "round 1 to close")
+    assert aggregator.round().global_model_digest == first
+    assert all(np.isfinite(a).all() for a in aggregator.model().values())
+    result = json.loads((aggregator.store / "rounds" / "0001" / "_result.json").read_text())
+    assert result["published"] is False
+    assert "the aggregate of tensor 'w' has 6 NaN or Inf value(s)" in result["refused"]
+
+
+def test_aam_gives_the_boosted_site_of_two_no_weight(launch) -> None:
+    aggregator = launch(federation_toml(strategy="aam"))
+
+    aggregator.submit("a", small(0.01))
+    aggregator.submit("b", {"w": np.full((2, 3), 3e38, np.float32), "b": np.zeros(4, np.float32)})
+
+    wait_for(lambda: aggregator.round().round_id == 2, "round 1 to close")
+    metrics = aggregator.stub().GetRoundMetrics(pb.GetRoundMetricsRequest(round_id=1), timeout=5)
+    assert {s.site: s.weight for s in metrics.sites} == {"a": 1.0, "b": 0.0}
+    np.testing.assert_allclose(aggregator.model()["w"], MODEL["w"] + 0.01, rtol=1e-6)
