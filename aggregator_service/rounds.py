@@ -51,7 +51,7 @@ from aggregator_service.records import (
     Submission,
     TensorSpec,
 )
-from aggregator_service.store import Store
+from aggregator_service.store import Store, recovery_hint
 from codec.frame import FrameHeader, unpack_frame
 from codec.stream import decode_part
 from protos.fedsegnet.v1.local_metrics import (
@@ -133,6 +133,11 @@ def initialize(store: Store, config: FederationConfig, initial_model: Path | Non
         dropped = store.clear_spool()
         if dropped:
             log.info("removed %d incomplete upload(s) left by a previous process", dropped)
+        temporaries = store.remove_temporaries()
+        if temporaries:
+            log.info("removed %d temporary file(s) of writes a previous process did not finish: %s",
+                     len(temporaries), ", ".join(str(p.relative_to(store.root)) for p in temporaries))
+        verify_store(store)
         return
     if initial_model is None:
         raise StoreError(
@@ -149,6 +154,48 @@ def initialize(store: Store, config: FederationConfig, initial_model: Path | Non
     store.write_record("federation.json", FederationRecord(config.federation_id, config.to_json(), now))
     # state.json last: its presence means the federation is fully initialised.
     _open_round(store, config, 1, now=now)
+
+
+def verify_store(store: Store) -> None:
+    """Check, before serving, everything a restarted aggregator will read from a used store.
+
+    The JSON documents (state, counters, sites, every model manifest and round result) must parse
+    as their records, and the models it will serve (the current round's, and the final one once
+    finished) must hash to their manifests' digests. Submissions are not checked here: one that is
+    damaged is left out when its round closes (see :func:`stored_submissions`).
+
+    Raises:
+        StoreError: naming the damaged file and how to recover.
+    """
+    state = read_state(store)
+    read_counters(store)
+    store.read_record("sites.json", _site_list, [])
+    for manifest_path in sorted((store.root / "models").glob("round-[0-9][0-9][0-9][0-9].json")):
+        store.read_record(manifest_path.relative_to(store.root), ModelManifest.from_json)
+    for result_path in sorted((store.root / "rounds").glob("*/_result.json")):
+        store.read_record(result_path.relative_to(store.root), RoundResult.from_json)
+    served = [state.round_id] + ([state.round_id + 1] if state.finished else [])
+    for round_id in served:
+        path = store.model_path(round_id)
+        try:
+            manifest = read_manifest(store, round_id)
+        except NotFound:
+            raise StoreError(f"store file {path.with_suffix('.json')} is missing; {recovery_hint(path)}") from None
+        try:
+            digest = codec.file_digest(path)
+        except (OSError, codec.CodecError) as exc:
+            raise StoreError(f"store file {path} is damaged ({exc}); {recovery_hint(path)}") from None
+        if digest != manifest.digest:
+            raise StoreError(
+                f"store file {path} is damaged (its frames hash to {digest[:16]}…, its manifest says "
+                f"{manifest.digest[:16]}…); {recovery_hint(path)}"
+            )
+
+
+def _site_list(data: Any) -> list[str]:
+    if not isinstance(data, list) or not all(isinstance(s, str) for s in data):
+        raise ValueError(f"expected a list of site names, got {str(data)[:80]}")
+    return data
 
 
 def _verify_model_file(path: Path) -> list[TensorSpec]:
@@ -231,7 +278,7 @@ def join(store: Store, config: FederationConfig, site: str) -> RoundView:
     check_site_name(site)
     if config.sites and site not in config.sites:
         raise UnknownSite(f"site {site!r} is not in this federation; known sites: {', '.join(config.sites)}")
-    sites = store.read_json("sites.json", [])
+    sites = store.read_record("sites.json", _site_list, [])
     if site not in sites:
         store.write_json("sites.json", sorted({*sites, site}))
     return current_round(store, config)
@@ -274,7 +321,7 @@ def status(store: Store, config: FederationConfig) -> dict[str, Any]:
         "federation_id": config.federation_id,
         "round": view,
         "rounds_completed": completed,
-        "sites_seen": store.read_json("sites.json", []),
+        "sites_seen": store.read_record("sites.json", _site_list, []),
         "strategy": config.strategy,
         **counters,
     }

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
 from aggregator_service.errors import StoreError
-from codec import atomic_write_bytes, fsync_dir
+from codec import atomic_write_bytes, fsync_dir, remove_temporaries
 
 
 class _Record(Protocol):
@@ -147,6 +147,12 @@ class Store:
         os.replace(spool, frames_path)
         fsync_dir(frames_path.parent)
         self.write_record(record_path.relative_to(self.root), record)
+
+    def remove_temporaries(self) -> list[Path]:
+        """Delete the temporary files of atomic writes a killed process left behind (a model-sized
+        file per crash during a close); call at start-up only. Returns what was removed."""
+        directories = [self.root, self.root / "models", *sorted((self.root / "rounds").glob("*/"))]
+        return [tmp for directory in directories for tmp in remove_temporaries(directory)]
 
     def clear_spool(self) -> int:
         """Remove uploads that were in progress when a previous process died. Returns how many."""

@@ -227,3 +227,51 @@ def test_aam_gives_the_boosted_site_of_two_no_weight(launch) -> None:
     metrics = aggregator.stub().GetRoundMetrics(pb.GetRoundMetricsRequest(round_id=1), timeout=5)
     assert {s.site: s.weight for s in metrics.sites} == {"a": 1.0, "b": 0.0}
     np.testing.assert_allclose(aggregator.model()["w"], MODEL["w"] + 0.01, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. a damaged store is refused at start-up, by name; 9. temporary files are cleaned
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-9])
+
+
+def flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("damage", "name", "hint"), [
+    (lambda s: truncate(s / "models" / "round-0002.frames"), "models/round-0002.frames", "restore models/"),
+    (lambda s: flip_a_bit(s / "models" / "round-0002.frames"), "models/round-0002.frames", "restore models/"),
+    (lambda s: (s / "state.json").write_text(""), "state.json", "restore it from a backup"),
+    (lambda s: (s / "counters.json").write_text('{"bytes_in": "x"}'), "counters.json", "delete it"),
+    (lambda s: (s / "rounds" / "0001" / "_result.json").write_text("{"), "rounds/0001/_result.json", "backup"),
+])
+def test_a_damaged_store_is_refused_naming_the_file(launch, damage, name, hint) -> None:
+    aggregator = launch(federation_toml(clients=1))
+    aggregator.submit("a", small(0.1))
+    wait_for(lambda: aggregator.round().round_id == 2, "round 1 to close")
+    aggregator.stop()
+    damage(aggregator.store)
+
+    message = aggregator.start_fails()
+
+    assert f"store file {aggregator.store / name} is damaged" in message
+    assert hint in message
+
+
+def test_temporary_files_of_a_killed_close_are_removed(launch) -> None:
+    aggregator = launch(federation_toml(clients=1), start=False)
+    aggregator.start()
+    aggregator.stop()
+    left = [aggregator.store / "models" / ".round-0002.frames.k1ll3d.tmp", aggregator.store / ".state.json.x.tmp"]
+    for path in left:
+        path.write_bytes(b"x" * 1000)
+
+    aggregator.start()
+
+    assert not any(path.exists() for path in left)
+    assert "removed 2 temporary file(s)" in aggregator.log()

@@ -15,6 +15,7 @@ import pytest
 
 import codec
 from aggregator_service import downloads, rounds
+from aggregator_service.records import ModelManifest, TensorSpec
 from aggregator_service.store import Store
 from client_agent.agent import SiteAgent
 from client_agent.reporting import Reporter
@@ -39,7 +40,10 @@ def write_model(store: Store, round_id: int, tensors: dict, spec: codec.CodecSpe
     """A global model file and its manifest, as rounds.close_round leaves them."""
     path = store.model_path(round_id)
     codec.save_tensors(path, tensors.items(), spec)
-    store.write_json(f"models/round-{round_id:04d}.json", {"digest": rounds.frames_digest(path), "bytes": path.stat().st_size})
+    store.write_record(f"models/round-{round_id:04d}.json", ModelManifest(
+        codec.file_digest(path), path.stat().st_size,
+        tuple(TensorSpec(name, tuple(a.shape), a.dtype.str) for name, a in tensors.items()),
+    ))
     return path
 
 
@@ -150,7 +154,7 @@ def test_a_delta_that_would_not_be_smaller_is_not_sent(tmp_path):
     download = choose(store, 2, have_round=1)
 
     assert download.delta_from_round == 0
-    assert downloads.ensure_delta(store, 1, 2)["bytes"] >= store.model_path(2).stat().st_size
+    assert downloads.ensure_delta(store, 1, 2).bytes >= store.model_path(2).stat().st_size
 
 
 def test_a_model_that_does_not_reencode_to_its_digest_is_sent_in_full(tmp_path, caplog):
