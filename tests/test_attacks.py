@@ -29,6 +29,8 @@ pytestmark = pytest.mark.slow
 
 # The repository whose aggregator_service is imported: the process runs the same code.
 REPO = Path(aggregator_service.__file__).resolve().parents[1]
+# gRPC shares one connection between channels to the same target; a peer of its own needs this.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 MODEL = {"w": np.linspace(-1.0, 1.0, 6, dtype=np.float32).reshape(2, 3), "b": np.zeros(4, np.float32)}
 
 
@@ -81,7 +83,7 @@ class Aggregator:
         wait_for(lambda: (self.root / "port").exists() or proc.poll() is not None, "the aggregator to serve")
         assert proc.poll() is None, self.log()
         self.port = int((self.root / "port").read_text())
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=OWN_CONNECTION)
         return self
 
     def start_fails(self) -> str:
@@ -275,3 +277,95 @@ def test_temporary_files_of_a_killed_close_are_removed(launch) -> None:
 
     assert not any(path.exists() for path in left)
     assert "removed 2 temporary file(s)" in aggregator.log()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. slowloris; 3. starved upload slots; a server that cannot take requests says so
+
+
+class Stalled:
+    """Upload streams that send ``first`` messages (none: not even a header), then nothing, until released."""
+
+    def __init__(self, aggregator: Aggregator, count: int, first: list[pb.SubmitUpdateRequest] = ()) -> None:
+        self.release = threading.Event()
+
+        def messages() -> Iterator[pb.SubmitUpdateRequest]:
+            yield from first
+            self.release.wait(60)
+
+        # One channel per stream: one peer connection each, as an attacker would open them.
+        self.channels = [grpc.insecure_channel(f"127.0.0.1:{aggregator.port}", options=OWN_CONNECTION)
+                         for _ in range(count)]
+        self.calls = [pb_grpc.AggregatorServiceStub(c).SubmitUpdate.future(messages(), timeout=60)
+                      for c in self.channels]
+
+    def codes(self) -> list[grpc.StatusCode]:
+        return [call.code() for call in self.calls]
+
+    def close(self) -> None:
+        self.release.set()
+        for channel in self.channels:
+            channel.close()
+
+
+def health(target: str, timeout: float = 3.0) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
+
+
+def test_streams_that_never_send_a_header_do_not_stall_honest_calls(launch) -> None:
+    aggregator = launch(federation_toml(clients=1), "--header-timeout-seconds", "1")
+    stalled = Stalled(aggregator, 20)
+    try:
+        time.sleep(0.5)  # all 20 are open and waiting on the server
+        started = time.monotonic()
+        assert aggregator.round().round_id == 1  # GetRound answers at once
+        assert health(f"127.0.0.1:{aggregator.port}") == 1  # SERVING
+        aggregator.submit("a", small(0.1), timeout=5)
+        assert time.monotonic() - started < 4
+
+        wait_for(lambda: all(call.done() for call in stalled.calls), "the stalled uploads to be cut off", 5)
+        assert set(stalled.codes()) == {grpc.StatusCode.DEADLINE_EXCEEDED}
+        # A few may wait the configured second; beyond them a header must come at once.
+        assert "sent no header within 1 s" in aggregator.log()
+        assert "sent no header within 0.25 s" in aggregator.log()
+    finally:
+        stalled.close()
+
+
+def test_sites_that_stall_after_the_header_cannot_starve_the_upload_slots(launch) -> None:
+    aggregator = launch(federation_toml(("a", "b", "c"), clients=3), "--idle-timeout-seconds", "1")
+    frames = list(codec.encode_tensors(small(0.1).items(), codec.LOSSLESS))
+    stalled = [Stalled(aggregator, 2, [pb.SubmitUpdateRequest(header=pb.UpdateHeader(
+        site=site, round_id=1, sample_count=10)), pb.SubmitUpdateRequest(frame=frames[0])]) for site in ("a", "b")]
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        aggregator.submit("c", small(0.1), timeout=5)
+        assert time.monotonic() - started < 4
+        for attacker in stalled:
+            wait_for(lambda: all(call.done() for call in attacker.calls), "the stalled uploads to end", 5)
+            assert set(attacker.codes()) <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert "sent nothing for 1 s" in aggregator.log()
+    finally:
+        for attacker in stalled:
+            attacker.close()
+
+
+def test_health_is_not_serving_on_both_ports_while_no_worker_is_free(launch) -> None:
+    aggregator = launch(federation_toml(("a", "b", "c", "d"), clients=4), "--max-workers", "4",
+                        "--health-listen", "127.0.0.1:0", "--idle-timeout-seconds", "30")
+    probe = int(aggregator.log().split("health only) on port ")[1].split()[0])
+    assert health(f"127.0.0.1:{probe}") == 1
+    frames = list(codec.encode_tensors(small(0.1).items(), codec.LOSSLESS))
+    busy = [Stalled(aggregator, 1, [pb.SubmitUpdateRequest(header=pb.UpdateHeader(
+        site=site, round_id=1, sample_count=10)), pb.SubmitUpdateRequest(frame=frames[0])]) for site in "abcd"]
+    try:
+        wait_for(lambda: health(f"127.0.0.1:{probe}") == 2, "the probe port to say NOT_SERVING", 5)
+    finally:
+        for upload in busy:
+            upload.close()
+    wait_for(lambda: health(f"127.0.0.1:{probe}") == 1, "SERVING again once workers are free", 10)
+    assert health(f"127.0.0.1:{aggregator.port}") == 1
