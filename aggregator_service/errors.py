@@ -12,7 +12,8 @@ import re
 
 import grpc
 
-_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# Matched with fullmatch: "$" would also match before a trailing newline ("a\n").
+_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 class AggregatorError(Exception):
@@ -118,7 +119,7 @@ class StoreFull(StoreError):
 
 def check_site_name(site: str) -> str:
     """Site names become file names in the store: letters, digits, '.', '_' and '-' only."""
-    if not _SITE_NAME.match(site or ""):
+    if not isinstance(site, str) or not _SITE_NAME.fullmatch(site):
         raise UnknownSite(
             f"site name {site!r} is not valid: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )

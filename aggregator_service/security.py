@@ -34,12 +34,14 @@ from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, Sequen
 import grpc
 
 from aggregator_service.errors import (
+    AggregatorError,
     BrokenStream,
     IdentityMismatch,
     Revoked,
     TooManyStreams,
     Unauthenticated,
     UploadTimeout,
+    check_site_name,
 )
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,17 @@ def certificate_serial(pem: bytes) -> int | None:
     return x509.load_pem_x509_certificate(pem).serial_number
 
 
+def certificate_common_name(pem: bytes) -> str | None:
+    """The (first) common name of a PEM certificate, exactly as stored (None without ``cryptography``)."""
+    try:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        return None
+    names = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
 def _can_read_serials() -> bool:
     try:
         import cryptography  # noqa: F401
@@ -128,11 +141,20 @@ def peer_from_auth_context(auth: Mapping[str, Sequence[bytes]]) -> Peer | None:
     cn = _first(auth, "x509_common_name")
     if not cn:
         raise Unauthenticated("the client certificate has no common name; issue site certificates with `fedseg certs site`")
+    pem = (auth.get("x509_pem_cert") or [b""])[0]
+    # TLS reports the CN as a C string: a CA-signed "site-a\0evil" would read as "site-a". The
+    # certificate itself is the truth, and its CN must be a site name (what `fedseg certs` issues).
+    actual = certificate_common_name(pem) if pem else None
+    if actual is not None and actual != cn:
+        raise Unauthenticated(f"the client certificate's common name is {actual!r}, not the {cn!r} TLS reported")
+    try:
+        check_site_name(cn)
+    except AggregatorError:
+        raise Unauthenticated(f"the client certificate's common name {cn!r} is not a valid site name") from None
     for san in auth.get("x509_subject_alternative_name") or ():
         text = san.decode("utf-8", "replace")
         if text.startswith(SITE_URI_PREFIX) and text[len(SITE_URI_PREFIX):] != cn:
             raise Unauthenticated(f"the client certificate names site {cn!r} in its CN but {text!r} in its SAN")
-    pem = (auth.get("x509_pem_cert") or [b""])[0]
     return Peer(site=cn, serial=certificate_serial(pem) if pem else None)
 
 

@@ -54,6 +54,7 @@ class Aggregator:
 
     def __init__(self, root: Path, toml: str, model: Mapping[str, np.ndarray] = MODEL, *args: str) -> None:
         self.root = root
+        self.credentials: grpc.ChannelCredentials | None = None
         root.mkdir(parents=True, exist_ok=True)
         (root / "federation.toml").write_text(toml)
         self.initial = root / "initial.frames"
@@ -70,7 +71,8 @@ class Aggregator:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "aggregator_service.server", "--config", str(self.root / "federation.toml"),
                 "--store", str(self.store), "--initial-model", str(self.initial), "--listen", "127.0.0.1:0",
-                "--port-file", str(self.root / "port"), "--insecure", "--log-level", "INFO",
+                "--port-file", str(self.root / "port"), "--log-level", "INFO",
+                *(["--insecure"] if "--tls-cert" not in self.args else []),
                 *(["--metrics-listen", "off"] if "--metrics-listen" not in self.args else []), *self.args]
 
     def start(self) -> Aggregator:
@@ -83,8 +85,14 @@ class Aggregator:
         wait_for(lambda: (self.root / "port").exists() or proc.poll() is not None, "the aggregator to serve")
         assert proc.poll() is None, self.log()
         self.port = int((self.root / "port").read_text())
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=OWN_CONNECTION)
+        self.channel = self.connect()
         return self
+
+    def connect(self, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+        credentials = credentials or self.credentials
+        if credentials is None:
+            return grpc.insecure_channel(f"127.0.0.1:{self.port}", options=OWN_CONNECTION)
+        return grpc.secure_channel(f"127.0.0.1:{self.port}", credentials, options=OWN_CONNECTION)
 
     def start_fails(self) -> str:
         """Start, expecting the process to refuse (exit 2); its output."""
@@ -369,3 +377,54 @@ def test_health_is_not_serving_on_both_ports_while_no_worker_is_free(launch) -> 
             upload.close()
     wait_for(lambda: health(f"127.0.0.1:{probe}") == 1, "SERVING again once workers are free", 10)
     assert health(f"127.0.0.1:{aggregator.port}") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. site names: a full match, in the aggregator, `fedseg certs` and certificate CNs
+
+
+def test_a_site_name_with_a_trailing_newline_is_refused(launch, tmp_path) -> None:
+    from experiments import certs
+
+    aggregator = launch(federation_toml(("a",), clients=1).replace('sites = ["a"]', "sites = []"))
+
+    for rpc in (lambda: aggregator.stub().Join(pb.JoinRequest(site="a\n"), timeout=5),
+                lambda: aggregator.submit("a\n", small(0.1))):
+        with pytest.raises(grpc.RpcError) as refused:
+            rpc()
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "site name 'a\\n' is not valid" in refused.value.details()
+    certs.init_ca(tmp_path / "ca")
+    with pytest.raises(ValueError, match="site name 'a\\\\n' is not valid"):
+        certs.issue_site(tmp_path / "ca", "a\n")
+    with pytest.raises(ValueError, match="is not valid"):
+        certs.revoke(tmp_path / "ca", "a\n")
+
+
+def test_a_ca_signed_common_name_with_nul_does_not_act_as_the_site_before_it(launch, tmp_path) -> None:
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from experiments import certs
+
+    ca = tmp_path / "ca"
+    certs.init_ca(ca)
+    server = certs.issue_server(ca, [], ip_addresses=["127.0.0.1"])
+    evil = certs._issue(ca, tmp_path / "evil.crt", tmp_path / "evil.key", "a\x00evil", [],
+                        ExtendedKeyUsageOID.CLIENT_AUTH, 1)
+    honest = certs.issue_site(ca, "a")
+    aggregator = launch(federation_toml(("a",), clients=1), "--tls-cert", str(server.cert), "--tls-key",
+                        str(server.key), "--tls-ca", str(ca / certs.CA_CERT), start=False)
+
+    def credentials(issued) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials((ca / certs.CA_CERT).read_bytes(), issued.key.read_bytes(),
+                                            issued.cert.read_bytes())
+
+    aggregator.credentials = credentials(honest)
+    aggregator.start()
+    assert aggregator.stub().Join(pb.JoinRequest(site="a"), timeout=5).federation_id == "attack"
+    with aggregator.connect(credentials(evil)) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.AggregatorServiceStub(channel).Join(pb.JoinRequest(site="a"), timeout=5)
+
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "common name" in refused.value.details()
