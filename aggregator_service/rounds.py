@@ -621,10 +621,16 @@ def commit_update(
     except BaseException:
         spool.unlink(missing_ok=True)
         raise
-    counters = read_counters(store)
-    store.write_record("counters.json", replace(
-        counters, bytes_in=counters.bytes_in + record.bytes, submissions_total=counters.submissions_total + 1
-    ))
+    # Committed: from here on the client must hear so, whatever else fails. The counters are
+    # statistics; a full disk or a damaged counters file costs a count, not the site's update.
+    try:
+        counters = read_counters(store)
+        store.write_record("counters.json", replace(
+            counters, bytes_in=counters.bytes_in + record.bytes, submissions_total=counters.submissions_total + 1
+        ))
+    except (OSError, StoreError) as exc:
+        log.error("round %d: %s's update is committed, but the counters could not be updated (%s)",
+                  round_id, site, exc)
     return Receipt(round_id, record.digest, record.bytes, False, len(store.committed_sites(round_id)))
 
 

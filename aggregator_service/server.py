@@ -121,8 +121,11 @@ class Aggregator:
                 sent += len(frame)
                 yield frame
         finally:
-            with self._lock:
-                rounds.record_bytes_out(self.store, sent)
+            try:
+                with self._lock:
+                    rounds.record_bytes_out(self.store, sent)
+            except (OSError, StoreError):  # the model was sent: a lost count must not fail the download
+                log.exception("could not count %d bytes sent", sent)
 
     # -- writes ------------------------------------------------------------------------------
     def submit(self, header: rounds.UpdateHeader, parts: Iterable[bytes | rounds.UpdateCommit]) -> rounds.Receipt:

@@ -428,3 +428,21 @@ def test_a_ca_signed_common_name_with_nul_does_not_act_as_the_site_before_it(lau
 
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "common name" in refused.value.details()
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. the commit path tells the truth when a write after the commit fails
+
+
+def test_a_failing_write_after_the_commit_does_not_tell_the_site_nothing_was_stored(launch) -> None:
+    aggregator = launch(federation_toml())
+    counters = aggregator.store / "counters.json"
+    counters.unlink()
+    counters.mkdir()  # every later write of the counters fails (as on a disk full after the commit)
+
+    receipt = aggregator.submit("a", small(0.1))
+
+    assert (receipt.duplicate, receipt.submissions) == (False, 1)
+    assert (aggregator.store / "rounds" / "0001" / "a.json").exists()
+    assert "a's update is committed, but the counters could not be updated" in aggregator.log()
+    assert aggregator.submit("a", small(0.1)).duplicate  # and a retry hears the same
