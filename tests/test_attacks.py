@@ -446,3 +446,27 @@ def test_a_failing_write_after_the_commit_does_not_tell_the_site_nothing_was_sto
     assert (aggregator.store / "rounds" / "0001" / "a.json").exists()
     assert "a's update is committed, but the counters could not be updated" in aggregator.log()
     assert aggregator.submit("a", small(0.1)).duplicate  # and a retry hears the same
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. GetRoundMetrics stays bounded
+
+
+def test_round_metrics_stay_under_the_message_limit_whatever_the_store_holds(launch) -> None:
+    aggregator = launch(federation_toml(("a", "b", "c"), clients=3))
+    with pytest.raises(grpc.RpcError) as refused:  # today's uploads: refused at the header
+        aggregator.submit("a", small(0.1), metrics=pb.LocalMetrics(extra={f"m{i:05d}": 0.5 for i in range(60_000)}))
+    assert "metrics.extra holds 60000 entries, at most 64" in refused.value.details()
+    aggregator.submit("a", small(0.1))
+    aggregator.submit("b", small(0.1))
+    aggregator.stop()
+    for site in ("a", "b"):  # records an older release accepted: 60k extra metrics each (~5 MB together)
+        path = aggregator.store / "rounds" / "0001" / f"{site}.json"
+        record = json.loads(path.read_text())
+        record["extra_metrics"] = {f"a-rather-long-metric-name/{i:05d}": 0.5 for i in range(60_000)}
+        path.write_text(json.dumps(record))
+    aggregator.start()
+
+    metrics = aggregator.stub().GetRoundMetrics(pb.GetRoundMetricsRequest(round_id=1), timeout=10)
+
+    assert [len(s.metrics.extra) for s in metrics.sites] == [64, 64]
