@@ -8,14 +8,15 @@ the full model's digest, so it never trains from a model it could not verify (an
 the full download when the check fails).
 
 Deltas are computed on the first download that asks for one and cached in the store, beside the
-models (the store stays the only state)::
+models (the store stays the only state); only from the previous round's model, and building the
+delta to round r removes those to earlier rounds, so the cache holds about one delta::
 
     models/round-0003.from-0002.delta        the delta's frames (a frame file, written atomically)
     models/round-0003.from-0002.delta.json   its record, written last: the commit marker
 
 A cached delta is used only when its record names the current digests of both models and its
 frames still hash to the recorded digest; anything else (missing, half-written, garbage) is
-computed again. The full model is sent when the site holds nothing, a round that is not older,
+computed again. The full model is sent when the site holds nothing, a round that is not the previous one,
 a round the store no longer has, a model whose digest differs from the store's, or when the delta
 would not be smaller.
 
@@ -167,7 +168,27 @@ def ensure_delta(store: Store, base_round: int, round_id: int) -> DeltaRecord:
     with _builder_lock(store, base_round, round_id):
         # Another download may have built it while this one waited.
         record = _cached(store, base_round, round_id, base_digest, model_digest)
-        return record or _build(store, base_round, round_id, base_digest, model_digest)
+        if record is None:
+            record = _build(store, base_round, round_id, base_digest, model_digest)
+            evict_deltas(store, keep_from=round_id)
+        return record
+
+
+def evict_deltas(store: Store, *, keep_from: int) -> list[Path]:
+    """Remove cached deltas to models of rounds before ``keep_from`` (record first, then frames):
+    sites that still hold such a round download the full model. Returns what was removed."""
+    removed = []
+    for record in sorted((store.root / "models").glob("round-*.from-*.delta.json")):
+        try:
+            target = int(record.name[len("round-"):len("round-") + 4])
+        except ValueError:
+            continue
+        if target < keep_from:
+            frames = record.with_name(record.name[: -len(".json")])
+            for path in (record, frames):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def choose_download(
@@ -186,7 +207,9 @@ def choose_download(
     delta that cannot be made: that is logged and the full model is sent.
     """
     full = ModelDownload(round_id, model_digest, 0, model_path, model_path.stat().st_size)
-    if have_round <= 0 or have_round >= round_id or not store.model_path(have_round).exists():
+    # Only from the round just before: a site may name any older round, and a delta per pair of
+    # rounds would grow the store with the square of the rounds.
+    if have_round != round_id - 1 or not store.model_path(have_round).exists():
         return full
     try:
         if have_digest and have_digest != rounds.read_manifest(store, have_round).digest:

@@ -470,3 +470,36 @@ def test_round_metrics_stay_under_the_message_limit_whatever_the_store_holds(lau
     metrics = aggregator.stub().GetRoundMetrics(pb.GetRoundMetricsRequest(round_id=1), timeout=10)
 
     assert [len(s.metrics.extra) for s in metrics.sites] == [64, 64]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. deltas only from the previous round: the store does not grow with the square of the rounds
+
+
+def test_deltas_are_made_only_from_the_previous_round_and_old_ones_evicted(launch) -> None:
+    model = {"w": np.zeros(4096, np.float32)}
+    aggregator = launch(federation_toml(("a",), clients=1, rounds=4), model=model)
+
+    def sparse(r: int) -> dict[str, np.ndarray]:
+        delta = np.zeros(4096, np.float32)
+        delta[r] = 1.0
+        return {"w": delta}
+
+    def download(round_id: int, have_round: int) -> int:
+        chunks = list(aggregator.stub().DownloadModel(
+            pb.DownloadModelRequest(round_id=round_id, site="a", have_round=have_round), timeout=10))
+        return chunks[0].delta_from_round
+
+    def deltas() -> list[str]:
+        return sorted(p.name for p in (aggregator.store / "models").glob("*.delta"))
+
+    for r in (1, 2):
+        aggregator.submit("a", sparse(r), round_id=r)
+        wait_for(lambda: aggregator.round().round_id == r + 1, f"round {r} to close")
+
+    assert [download(3, have) for have in (1, 2)] == [0, 2]  # a site asking from round 1 gets the full model
+    assert deltas() == ["round-0003.from-0002.delta"]
+    aggregator.submit("a", sparse(3), round_id=3)
+    wait_for(lambda: aggregator.round().round_id == 4, "round 3 to close")
+    assert download(4, 3) == 3
+    assert deltas() == ["round-0004.from-0003.delta"]
