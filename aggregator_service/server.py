@@ -43,7 +43,9 @@ MAX_MESSAGE_BYTES = 4 << 20
 DEFAULT_LISTEN = "0.0.0.0:50051"
 # Uploads verified at the same time (each holds one frame and one tensor's check in memory).
 MAX_CONCURRENT_SPOOLS = 4
-DEFAULT_METRICS_LISTEN = "0.0.0.0:9090"
+# Loopback unless the deployment says otherwise (the Kubernetes manifest binds 0.0.0.0:9090 for
+# Prometheus and restricts it with a NetworkPolicy).
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9090"
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 

@@ -503,3 +503,38 @@ def test_deltas_are_made_only_from_the_previous_round_and_old_ones_evicted(launc
     wait_for(lambda: aggregator.round().round_id == 4, "round 3 to close")
     assert download(4, 3) == 3
     assert deltas() == ["round-0004.from-0003.delta"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. /metrics: loopback by default, connections capped and timed out
+
+
+def threads_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no thread count")
+
+
+def test_idle_metrics_connections_cannot_take_the_servers_threads(launch) -> None:
+    import socket
+    import urllib.request
+
+    from aggregator_service.server import _parser
+
+    assert _parser().parse_args([]).metrics_listen.startswith("127.0.0.1:")
+    aggregator = launch(federation_toml(clients=1), "--metrics-listen", "127.0.0.1:0")
+    port = int(aggregator.log().split("Prometheus metrics on port ")[1].split()[0])
+    assert aggregator.proc is not None
+    before = threads_of(aggregator.proc.pid)
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(150)]
+    try:
+        time.sleep(1.0)
+        assert threads_of(aggregator.proc.pid) - before <= 8 + 2
+        aggregator.submit("a", small(0.1), timeout=5)  # honest uploads still get threads
+    finally:
+        for connection in idle:
+            connection.close()
+    wait_for(lambda: threads_of(aggregator.proc.pid) <= before + 2, "the metrics threads to end", 10)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert b"fedseg_submissions_total 1" in response.read()
