@@ -770,9 +770,16 @@ class SiteTensor:
     def dense(self) -> np.ndarray:
         """Δ as a dense array of the tensor's shape and dtype (zeros where nothing was sent)."""
         out = np.zeros(self._spec.shape, dtype=self._spec.dtype)
+        self.dense_into(out)
+        return out
+
+    def dense_into(self, out: np.ndarray) -> None:
+        """Write Δ into ``out`` (the tensor's shape; zeros where nothing was sent), with no copy."""
+        if out.shape != self._spec.shape:
+            raise ValueError(f"out must have shape {self._spec.shape}, got {out.shape}")
+        out.fill(0)
         for part in self._parts():
             part.write_to(out)
-        return out
 
     def finish(self) -> None:
         if not self._read:

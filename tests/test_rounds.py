@@ -249,8 +249,9 @@ def test_fedadam_keeps_its_moments_in_the_store(tmp_path: Path) -> None:
     np.testing.assert_allclose(second["b"], first["b"] + step2, rtol=1e-5)
 
 
-def fedavg_store(tmp_path: Path, model: dict[str, np.ndarray], sites: tuple[str, ...]) -> tuple[Store, FederationConfig]:
-    cfg = config(strategy="fedavg", sites=sites, min_clients=1, max_clients=len(sites))
+def fedavg_store(tmp_path: Path, model: dict[str, np.ndarray], sites: tuple[str, ...], strategy: str = "fedavg",
+                 ) -> tuple[Store, FederationConfig]:
+    cfg = config(strategy=strategy, sites=sites, min_clients=1, max_clients=len(sites))
     initial = tmp_path / "initial.frames"
     codec.save_tensors(initial, model.items())
     store = Store(tmp_path / "store")
@@ -293,11 +294,11 @@ def test_weighted_close_keeps_each_dtype_and_matches_the_float64_sum(tmp_path: P
     np.testing.assert_allclose(new, expected, rtol=4 * np.finfo(dtype).eps, atol=4 * np.finfo(dtype).eps)
 
 
-def close_peak_bytes(tmp_path: Path, sites: tuple[str, ...]) -> int:
+def close_peak_bytes(tmp_path: Path, sites: tuple[str, ...], strategy: str = "fedavg") -> int:
     """tracemalloc's peak while closing a round of dense 0.8 MB updates from ``sites``."""
     rng = np.random.default_rng(0)
     model = {"w": rng.normal(size=200_000).astype(np.float32), "b": np.zeros(3, np.float32)}
-    store, cfg = fedavg_store(tmp_path, model, sites)
+    store, cfg = fedavg_store(tmp_path, model, sites, strategy)
     for site in sites:
         submit(store, site, {k: rng.normal(size=v.shape).astype(np.float32) for k, v in model.items()}, cfg=cfg)
     tracemalloc.start()
@@ -314,6 +315,19 @@ def test_close_memory_does_not_grow_with_the_number_of_sites(tmp_path: Path) -> 
     many = close_peak_bytes(tmp_path / "ten", tuple("abcdefghij"))
 
     assert many - few < 400_000, f"peak {few} B with 2 sites, {many} B with 10"
+
+
+def test_median_close_holds_at_most_two_copies_of_the_tensor_per_site(tmp_path: Path) -> None:
+    # Once ~7 per site: each delta densified, converted to float64, stacked, and copied by np.median.
+    # What does not grow with the sites (θ, the new tensor's encoding) is the same for every strategy.
+    tensor_bytes = 200_000 * 4
+
+    two = close_peak_bytes(tmp_path / "two", ("a", "b"), "median")
+    eight = close_peak_bytes(tmp_path / "eight", tuple("abcdefgh"), "median")
+
+    per_site = (eight - two) / 6 / tensor_bytes
+    assert per_site <= 2.0, f"{per_site:.2f} copies per site ({two} B with 2 sites, {eight} B with 8)"
+    assert two <= (2 * 2 + 4) * tensor_bytes, f"{two / tensor_bytes:.1f} copies with 2 sites"
 
 
 def test_damaged_stored_update_is_left_out_and_the_round_closes(store: Store) -> None:
