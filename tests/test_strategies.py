@@ -33,6 +33,9 @@ class Dense:
     def dense(self) -> np.ndarray:
         return self.values.copy()
 
+    def dense_into(self, out: np.ndarray) -> None:
+        out[...] = self.values
+
 
 def test_every_strategy_is_a_class_with_only_its_own_parameters() -> None:
     assert list(STRATEGIES) == ["fedavg", "mean", "median", "trimmed_mean", "fedadam", "aam"]
@@ -133,6 +136,13 @@ def test_apply_combines_one_tensor(strategy: strategies.Strategy, expected: floa
     deltas = [Dense([2.0 if weighted else 1.0]), Dense([3.0]), Dense([20.0])]
     new = strategy.apply("w", theta, iter(deltas), np.array([0.5, 0.25, 0.25]), None)
     np.testing.assert_allclose(new, [expected], rtol=1e-6)
+
+
+def test_median_of_an_even_count_is_the_mean_of_the_two_middle_values() -> None:
+    theta = np.array([0.0, 1.0], dtype=np.float32)
+    deltas = [Dense([1.0, 4.0]), Dense([2.0, -1.0]), Dense([10.0, 0.5]), Dense([3.0, 0.0])]
+    new = Median().apply("w", theta, iter(deltas), np.full(4, 0.25), None)
+    np.testing.assert_array_equal(new, [2.5, 1.25])  # (2 + 3) / 2, 1 + (0 + 0.5) / 2
 
 
 def test_integer_tensors_keep_the_global_value() -> None:
