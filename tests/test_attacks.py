@@ -52,8 +52,11 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) 
 class Aggregator:
     """``python -m aggregator_service.server`` on a store in ``root`` (plaintext, loopback, port 0)."""
 
-    def __init__(self, root: Path, toml: str, model: Mapping[str, np.ndarray] = MODEL, *args: str) -> None:
+    def __init__(self, root: Path, toml: str, model: Mapping[str, np.ndarray] = MODEL, *args: str,
+                 env: Mapping[str, str] | None = None) -> None:
         self.root = root
+        # Limits go in as environment variables: a release without them starts (and shows the attack).
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.credentials: grpc.ChannelCredentials | None = None
         root.mkdir(parents=True, exist_ok=True)
         (root / "federation.toml").write_text(toml)
@@ -80,7 +83,7 @@ class Aggregator:
         self.starts += 1
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.command(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONPATH": str(REPO)})
+                                         env=self.env)
         proc = self.proc
         wait_for(lambda: (self.root / "port").exists() or proc.poll() is not None, "the aggregator to serve")
         assert proc.poll() is None, self.log()
@@ -97,7 +100,7 @@ class Aggregator:
     def start_fails(self) -> str:
         """Start, expecting the process to refuse (exit 2); its output."""
         done = subprocess.run(self.command(), cwd=REPO, capture_output=True, text=True, timeout=60,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+                              env=self.env)
         assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
         return done.stderr
 
@@ -143,8 +146,9 @@ class Aggregator:
 def launch(tmp_path: Path) -> Iterator[Callable[..., Aggregator]]:
     started: list[Aggregator] = []
 
-    def make(toml: str, *args: str, model: Mapping[str, np.ndarray] = MODEL, start: bool = True) -> Aggregator:
-        aggregator = Aggregator(tmp_path / f"agg{len(started)}", toml, model, *args)
+    def make(toml: str, *args: str, model: Mapping[str, np.ndarray] = MODEL, start: bool = True,
+             env: Mapping[str, str] | None = None) -> Aggregator:
+        aggregator = Aggregator(tmp_path / f"agg{len(started)}", toml, model, *args, env=env)
         started.append(aggregator)
         return aggregator.start() if start else aggregator
 
@@ -324,7 +328,7 @@ def health(target: str, timeout: float = 3.0) -> int:
 
 
 def test_streams_that_never_send_a_header_do_not_stall_honest_calls(launch) -> None:
-    aggregator = launch(federation_toml(clients=1), "--header-timeout-seconds", "1")
+    aggregator = launch(federation_toml(clients=1), env={"FEDSEG_HEADER_TIMEOUT_SECONDS": "1"})
     stalled = Stalled(aggregator, 20)
     try:
         time.sleep(0.5)  # all 20 are open and waiting on the server
@@ -344,7 +348,7 @@ def test_streams_that_never_send_a_header_do_not_stall_honest_calls(launch) -> N
 
 
 def test_sites_that_stall_after_the_header_cannot_starve_the_upload_slots(launch) -> None:
-    aggregator = launch(federation_toml(("a", "b", "c"), clients=3), "--idle-timeout-seconds", "1")
+    aggregator = launch(federation_toml(("a", "b", "c"), clients=3), env={"FEDSEG_IDLE_TIMEOUT_SECONDS": "1"})
     frames = list(codec.encode_tensors(small(0.1).items(), codec.LOSSLESS))
     stalled = [Stalled(aggregator, 2, [pb.SubmitUpdateRequest(header=pb.UpdateHeader(
         site=site, round_id=1, sample_count=10)), pb.SubmitUpdateRequest(frame=frames[0])]) for site in ("a", "b")]
@@ -363,8 +367,8 @@ def test_sites_that_stall_after_the_header_cannot_starve_the_upload_slots(launch
 
 
 def test_health_is_not_serving_on_both_ports_while_no_worker_is_free(launch) -> None:
-    aggregator = launch(federation_toml(("a", "b", "c", "d"), clients=4), "--max-workers", "4",
-                        "--health-listen", "127.0.0.1:0", "--idle-timeout-seconds", "30")
+    aggregator = launch(federation_toml(("a", "b", "c", "d"), clients=4), "--health-listen", "127.0.0.1:0",
+                        env={"FEDSEG_MAX_WORKERS": "4", "FEDSEG_IDLE_TIMEOUT_SECONDS": "30"})
     probe = int(aggregator.log().split("health only) on port ")[1].split()[0])
     assert health(f"127.0.0.1:{probe}") == 1
     frames = list(codec.encode_tensors(small(0.1).items(), codec.LOSSLESS))
