@@ -101,6 +101,7 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
     """One thread per connection, but at most ``max_connections`` of them."""
 
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: connections over the cap are accepted and closed
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
         self._slots = threading.BoundedSemaphore(max_connections)
