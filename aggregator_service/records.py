@@ -9,8 +9,9 @@ field, so a damaged or hand-edited file is reported by name instead of failing l
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = [
     "Counters",
@@ -234,7 +235,7 @@ class RoundResult:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RoundResult:
         sites = _get(data, "sites", dict)
-        for site, part in sites.items():
+        for part in sites.values():
             _get(part, "weight", float)
         excluded = _get(data, "excluded", dict, default={})
         return cls(

@@ -169,7 +169,7 @@ def verify_store(store: Store) -> None:
     """
     state = read_state(store)
     read_counters(store)
-    store.read_record("sites.json", _site_list, [])
+    store.read_record("sites.json", _site_list)
     for manifest_path in sorted((store.root / "models").glob("round-[0-9][0-9][0-9][0-9].json")):
         store.read_record(manifest_path.relative_to(store.root), ModelManifest.from_json)
     for result_path in sorted((store.root / "rounds").glob("*/_result.json")):
@@ -278,7 +278,7 @@ def join(store: Store, config: FederationConfig, site: str) -> RoundView:
     check_site_name(site)
     if config.sites and site not in config.sites:
         raise UnknownSite(f"site {site!r} is not in this federation; known sites: {', '.join(config.sites)}")
-    sites = store.read_record("sites.json", _site_list, [])
+    sites = (store.read_record("sites.json", _site_list) or [])
     if site not in sites:
         store.write_json("sites.json", sorted({*sites, site}))
     return current_round(store, config)
@@ -321,7 +321,7 @@ def status(store: Store, config: FederationConfig) -> dict[str, Any]:
         "federation_id": config.federation_id,
         "round": view,
         "rounds_completed": completed,
-        "sites_seen": store.read_record("sites.json", _site_list, []),
+        "sites_seen": (store.read_record("sites.json", _site_list) or []),
         "strategy": config.strategy,
         **counters,
     }

@@ -99,7 +99,7 @@ class Aggregator:
 
     def start_fails(self) -> str:
         """Start, expecting the process to refuse (exit 2); its output."""
-        done = subprocess.run(self.command(), cwd=REPO, capture_output=True, text=True, timeout=60,
+        done = subprocess.run(self.command(), cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
                               env=self.env)
         assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
         return done.stderr
@@ -358,7 +358,7 @@ def test_sites_that_stall_after_the_header_cannot_starve_the_upload_slots(launch
         aggregator.submit("c", small(0.1), timeout=5)
         assert time.monotonic() - started < 4
         for attacker in stalled:
-            wait_for(lambda: all(call.done() for call in attacker.calls), "the stalled uploads to end", 5)
+            wait_for(lambda a=attacker: all(call.done() for call in a.calls), "the stalled uploads to end", 5)
             assert set(attacker.codes()) <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
         assert "sent nothing for 1 s" in aggregator.log()
     finally:
@@ -426,9 +426,8 @@ def test_a_ca_signed_common_name_with_nul_does_not_act_as_the_site_before_it(lau
     aggregator.credentials = credentials(honest)
     aggregator.start()
     assert aggregator.stub().Join(pb.JoinRequest(site="a"), timeout=5).federation_id == "attack"
-    with aggregator.connect(credentials(evil)) as channel:
-        with pytest.raises(grpc.RpcError) as refused:
-            pb_grpc.AggregatorServiceStub(channel).Join(pb.JoinRequest(site="a"), timeout=5)
+    with aggregator.connect(credentials(evil)) as channel, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.AggregatorServiceStub(channel).Join(pb.JoinRequest(site="a"), timeout=5)
 
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "common name" in refused.value.details()
@@ -499,7 +498,7 @@ def test_deltas_are_made_only_from_the_previous_round_and_old_ones_evicted(launc
 
     for r in (1, 2):
         aggregator.submit("a", sparse(r), round_id=r)
-        wait_for(lambda: aggregator.round().round_id == r + 1, f"round {r} to close")
+        wait_for(lambda r=r: aggregator.round().round_id == r + 1, f"round {r} to close")
 
     assert [download(3, have) for have in (1, 2)] == [0, 2]  # a site asking from round 1 gets the full model
     assert deltas() == ["round-0003.from-0002.delta"]

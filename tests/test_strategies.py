@@ -10,7 +10,16 @@ import pytest
 from aggregator_service import strategies
 from aggregator_service.aam import AAMConfig, SiteStats, aam_weights
 from aggregator_service.config import ConfigError, load_federation_file
-from aggregator_service.strategies import AAM, STRATEGIES, FedAdam, FedAvg, Mean, Median, TrimmedMean, from_table
+from aggregator_service.strategies import (
+    AAM,
+    STRATEGIES,
+    FedAdam,
+    FedAvg,
+    Mean,
+    Median,
+    TrimmedMean,
+    from_table,
+)
 
 
 def stats_for(counts: list[int], finite: list[bool] | None = None) -> list[SiteStats]:
