@@ -13,7 +13,11 @@ finite. Let ``U`` be the *usable* clients: finite update and finite norm. Refere
 over ``U``::
 
     D_ref = median{D_j : j in U, D_j known}          H_ref = median{H_j : j in U, H_j known}
-    u_ref = median{u_j : j in U}   (if that is 0: median of the positive u_j; if none: 0)
+    u_ref = lower median{u_j : j in U}   (if that is 0: of the positive u_j; if none: 0)
+
+(the lower median is the middle value, or the smaller of the two middle ones for an even count:
+always one site's own norm, so with two sites a boosted update is measured against the honest
+one instead of against half of itself)
 
 Quality (a bounded exponential score, one temperature and one tolerance per metric), with the
 soft threshold ``shrink(x, t) = sign(x) max(|x| - t, 0)``::
@@ -376,14 +380,25 @@ def _median_or_none(values: list[float]) -> float | None:
     return float(np.median(np.asarray(values, dtype=np.float64))) if values else None
 
 
+def _lower_median(values: list[float]) -> float:
+    """The middle value, or the lower of the two middle values for an even count.
+
+    Unlike the mean of the two middle values, it is always one site's own value: with two sites,
+    the mean of a honest norm and a boosted one is half the boosted one, so the boosted site's
+    ratio stays near 2 and it keeps half the weight; the lower median keeps the honest scale.
+    """
+    ordered = sorted(values)
+    return float(ordered[(len(ordered) - 1) // 2])
+
+
 def _reference_norm(norms: list[float]) -> float:
-    """Median of the usable norms; if more than half are exactly zero (sites that did not move), the
+    """Lower median of the usable norms; if that is zero (sites that did not move), the lower
     median of the positive ones, because a zero update says nothing about the scale of a real one."""
-    reference = float(np.median(np.asarray(norms, dtype=np.float64)))
+    reference = _lower_median(norms)
     if reference > 0.0:
         return reference
     positive = [n for n in norms if n > 0.0]
-    return float(np.median(np.asarray(positive, dtype=np.float64))) if positive else 0.0
+    return _lower_median(positive) if positive else 0.0
 
 
 def _dice_term(dice: float | None, reference: float | None, config: AAMConfig) -> float:

@@ -21,38 +21,32 @@ How the strategies meet the aggregator's bounded-memory streaming:
 Determinism: sums run in the order the arrays are given (float addition is not associative), so the
 caller must always pass sites in a canonical order (e.g. sorted by site id) to get the same bytes
 after a restart. Weights themselves (``fedavg_weights``, AAM) are order-independent.
+
+Which strategy a federation runs, with which parameters, is ``strategies.py``'s business: one
+class per strategy sequences these functions.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
-from aggregator_service.aam import AAMConfig, SiteStats, aam_weights
 
 __all__ = [
-    "STRATEGIES",
-    "StrategyConfig",
     "cast_to_dtype",
-    "combine_tensor",
+    "check_trim_fraction",
     "coordinate_median",
     "fedadam_init_state",
     "fedadam_step",
     "fedavg_weights",
     "mean_weights",
-    "round_weights",
     "scatter_add",
     "trimmed_mean",
     "weighted_accumulate",
     "weighted_sum",
 ]
-
-STRATEGIES: tuple[str, ...] = ("fedavg", "mean", "median", "trimmed_mean", "fedadam", "aam")
-_WEIGHTED = frozenset({"fedavg", "mean", "fedadam", "aam"})
 
 # k * trim_fraction is a float product: 0.29 * 100 = 28.999999999999996 must still trim 29.
 _TRIM_EPS = 1e-9
@@ -222,7 +216,7 @@ def trimmed_mean(arrays: Sequence[np.ndarray], trim_fraction: float) -> np.ndarr
     Returns:
         Array of the common shape, in the arrays' dtype.
     """
-    _check_trim_fraction(trim_fraction)
+    check_trim_fraction(trim_fraction)
     dtype = _check_stack(arrays, "trimmed_mean")
     stacked = _stack_finite(arrays, "trimmed_mean")
     k = stacked.shape[0]
@@ -301,124 +295,11 @@ def fedadam_step(
     return new_param.astype(param.dtype), new_m.astype(m.dtype), new_v.astype(v.dtype)
 
 
-# ----------------------------------------------------------------------------------------- registry
-
-
-@dataclass(frozen=True, kw_only=True)
-class StrategyConfig:
-    """Which strategy a federation uses, with its parameters (validated here, once).
-
-    Attributes:
-        name: one of ``STRATEGIES``.
-        trim_fraction: for ``trimmed_mean``, in [0, 0.5).
-        server_lr, beta1, beta2, tau: for ``fedadam`` (see ``fedadam_step``).
-        aam: constants for ``aam``.
-    """
-
-    name: str = "aam"
-    trim_fraction: float = 0.1
-    server_lr: float = 1e-2
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-    aam: AAMConfig = field(default_factory=AAMConfig)
-
-    def __post_init__(self) -> None:
-        if self.name not in STRATEGIES:
-            raise ValueError(f"unknown aggregation strategy {self.name!r}; allowed: {list(STRATEGIES)}")
-        _check_trim_fraction(self.trim_fraction)
-        if not (math.isfinite(self.server_lr) and self.server_lr > 0.0):
-            raise ValueError(f"server_lr must be a finite number > 0, got {self.server_lr}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not (math.isfinite(self.tau) and self.tau > 0.0):
-            raise ValueError(f"tau must be a finite number > 0, got {self.tau}")
-        if not isinstance(self.aam, AAMConfig):
-            raise ValueError(f"aam must be an AAMConfig, got {type(self.aam).__name__}")
-
-    @property
-    def is_weighted(self) -> bool:
-        """True when the round reduces to ``Σ w_k Δ_k`` (streamable); False for median and
-        trimmed_mean, which need all sites' values of one tensor at a time."""
-        return self.name in _WEIGHTED
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> StrategyConfig:
-        """Build from a TOML table such as::
-
-            [aggregation]
-            name = "aam"
-            trim_fraction = 0.1
-            [aggregation.aam]
-            max_weight = 0.5
-
-        Unknown keys are refused by name (a typo must not silently fall back to a default).
-        """
-        allowed = sorted(cls.__dataclass_fields__)
-        unknown = sorted(set(mapping) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown aggregation option(s) {unknown}; allowed: {allowed}")
-        values: dict[str, Any] = {}
-        for key, value in mapping.items():
-            if key == "name":
-                values[key] = str(value)
-            elif key == "aam":
-                if not isinstance(value, Mapping):
-                    raise ValueError(f"aam must be a table of AAM options, got {value!r}")
-                values[key] = AAMConfig.from_mapping(dict(value))
-            else:
-                values[key] = float(value)
-        return cls(**values)
-
-
-def round_weights(config: StrategyConfig, stats: Sequence[SiteStats]) -> np.ndarray | None:
-    """The round's per-site weights for a weighted strategy (order of ``stats``), None otherwise.
-
-    ``fedavg`` and ``fedadam`` use ``n_k / Σ n``, ``mean`` uses ``1/K``, ``aam`` uses
-    ``aam_weights(stats, config.aam).weights`` (call ``aam_weights`` directly for its factors).
-    The baselines refuse non-finite updates (the servicer refuses them at submission anyway) rather
-    than silently dropping them, so that they stay exactly the textbook rules.
-    """
-    if len(stats) == 0:
-        raise ValueError("round_weights needs at least one site's stats, got none")
-    if config.name == "aam":
-        return aam_weights(stats, config.aam).weights
-    if not config.is_weighted:
-        return None
-    broken = sorted(s.site for s in stats if not s.usable)
-    if broken:
-        raise ValueError(
-            f"strategy {config.name!r} cannot aggregate non-finite updates of site(s) {broken}; "
-            f"refuse them at submission or use 'aam'"
-        )
-    if config.name == "mean":
-        return mean_weights(len(stats))
-    return fedavg_weights([s.sample_count for s in stats])
-
-
-def combine_tensor(
-    config: StrategyConfig, arrays: Sequence[np.ndarray], weights: np.ndarray | None = None
-) -> np.ndarray:
-    """Combine K sites' updates of one tensor by the configured strategy.
-
-    For weighted strategies this is ``weighted_sum(arrays, weights)`` (for ``fedadam`` the result
-    is the pseudo-gradient to pass to ``fedadam_step``); ``median`` and ``trimmed_mean`` ignore
-    ``weights``. Streaming aggregators call ``weighted_accumulate`` instead for weighted strategies.
-    """
-    if config.is_weighted:
-        if weights is None:
-            raise ValueError(f"strategy {config.name!r} needs weights (see round_weights)")
-        return weighted_sum(arrays, weights)
-    if config.name == "median":
-        return coordinate_median(arrays)
-    return trimmed_mean(arrays, config.trim_fraction)
-
-
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _check_trim_fraction(trim_fraction: float) -> None:
+def check_trim_fraction(trim_fraction: float) -> None:
+    """Refuse a ``trim_fraction`` outside [0, 0.5) (nothing would be left to average)."""
     if not 0.0 <= trim_fraction < 0.5:
         raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
 

@@ -225,6 +225,10 @@ def _append_revocation(directory: Path, entry: str, comment: str) -> None:
 def revoke(directory: str | Path, site: str, *, serial_only: bool = False) -> str:
     """Add a site (every certificate it has or will have) or only its current certificate's
     serial to the revocation file; returns the entry. The aggregator applies it at the next request."""
+    try:
+        check_site_name(site)  # a name the aggregator refuses can never be a certificate to revoke
+    except AggregatorError as exc:
+        raise ValueError(str(exc)) from None
     directory = Path(directory)
     if serial_only:
         cert_path = site_paths(directory, site)[0]

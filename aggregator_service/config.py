@@ -16,8 +16,8 @@ Example (every key optional; the defaults are below)::
 
     [aggregation]
     strategy = "fedavg"      # fedavg | mean | median | trimmed_mean | fedadam | aam
-    # and the strategy's options (aggregation.StrategyConfig), e.g. trim_fraction = 0.2, or
-    # [aggregation.aam] max_weight = 0.5 (aam.AAMConfig)
+    # and that strategy's own parameters only (strategies.py), e.g. trim_fraction = 0.2 for
+    # trimmed_mean, or [aggregation.aam] max_weight = 0.5 for aam (aam.AAMConfig)
 
     [training]
     local_epochs = 1
@@ -43,6 +43,11 @@ Example (every key optional; the defaults are below)::
     top_k_fraction = 1.0
     quantization = "fp32"
     zstd_level = 3
+
+Every table is strict: a key it does not know is refused by name, with the allowed ones. This
+module is the only reader of the file: :func:`read_config_tables` parses it once, and a program
+that keeps tables of its own in the same file (``fedseg simulate``'s ``[simulation]``) names them
+as ``extensions`` and gets them back raw (:func:`load_federation_file`).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from aggregator_service.aggregation import StrategyConfig
+from aggregator_service import strategies
 from codec import CodecSpec
 
 # The local optimizers a site can run (client_agent.training.make_optimizer builds them; the
@@ -165,9 +170,12 @@ class FederationConfig:
     max_update_bytes: int = 0
     strategy: str = "fedavg"
     strategy_options: Mapping[str, Any] = field(default_factory=dict)
+    """The ``[aggregation]`` table's other keys, as written (the stored form compares them)."""
     training: TrainingSettings = field(default_factory=TrainingSettings)
     model: ModelConfig = field(default_factory=ModelConfig)
     codec: CodecSpec = field(default_factory=CodecSpec)
+    aggregation: strategies.Strategy = field(init=False, repr=False, compare=False)
+    """The strategy object ``strategy`` and ``strategy_options`` configure (built and checked once)."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -188,33 +196,69 @@ class FederationConfig:
             raise ConfigError(f"federation.round_timeout_s must be > 0, got {self.round_timeout_s}")
         if self.max_update_bytes < 0:
             raise ConfigError(f"federation.max_update_bytes must be >= 0, got {self.max_update_bytes}")
+        if "strategy" in self.strategy_options:
+            raise ConfigError("[aggregation]: give the strategy as `strategy`, not inside its options")
         try:
-            StrategyConfig.from_mapping({"name": self.strategy, **self.strategy_options})
+            built = strategies.from_table({"strategy": self.strategy, **self.strategy_options})
         except ValueError as exc:
             raise ConfigError(f"[aggregation]: {exc}") from None
+        object.__setattr__(self, "aggregation", built)
 
     def to_json(self) -> str:
         """A canonical JSON form, stored with the federation so a restart can detect a changed config."""
-        return json.dumps(asdict(self), sort_keys=True, default=list)
+        fields_ = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        data = {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in fields_.items()}
+        return json.dumps(data, sort_keys=True, default=list)
 
 
 _SECTION_KEYS: dict[str, set[str]] = {
     "federation": {"id", "rounds", "min_clients", "max_clients", "round_timeout_s", "sites", "max_update_bytes"},
-    "aggregation": {"strategy"},  # and the strategy's own options, passed through
+    "aggregation": set(),  # the chosen strategy's parameters: checked by strategies.from_table
     "training": {f.name for f in fields(TrainingSettings)},
     "model": {f.name for f in fields(ModelConfig)},
     "codec": {f.name for f in fields(CodecSpec)},
 }
 
 
-def parse_federation_config(data: Mapping[str, Any], *, source: str = "<config>") -> FederationConfig:
-    """Build a :class:`FederationConfig` from parsed TOML, refusing unknown sections and keys."""
-    unknown_sections = set(data) - set(_SECTION_KEYS)
+def read_config_tables(path: str | Path | None = None, *, text: str | None = None, source: str = "") -> dict[str, Any]:
+    """Parse a federation TOML file (or its ``text``) into its tables, without checking them.
+
+    The one place the federation file is parsed; callers then build the configuration with
+    :func:`parse_federation_config` (which checks every table).
+
+    Raises:
+        ConfigError: the file does not exist or is not TOML (named).
+    """
+    source = source or str(path or "<config>")
+    if text is None:
+        if path is None:
+            raise ValueError("give a path or the text")
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"federation config {path} does not exist") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"federation config {source} is not valid TOML: {exc}") from None
+
+
+def parse_federation_config(
+    data: Mapping[str, Any], *, source: str = "<config>", extensions: tuple[str, ...] = ()
+) -> FederationConfig:
+    """Build a :class:`FederationConfig` from parsed TOML, refusing unknown sections and keys.
+
+    ``extensions`` names tables another program keeps in the same file (e.g. ``simulation``):
+    they are skipped here, and that program checks them.
+    """
+    unknown_sections = set(data) - set(_SECTION_KEYS) - set(extensions)
     if unknown_sections:
         raise ConfigError(
             f"{source}: unknown section(s) {sorted(unknown_sections)}; allowed: {sorted(_SECTION_KEYS)}"
         )
     for section, allowed in _SECTION_KEYS.items():
+        if not isinstance(data.get(section, {}), Mapping):
+            raise ConfigError(f"{source}: [{section}] must be a table, got {data[section]!r}")
         if section == "aggregation":
             continue
         extra = set(data.get(section, {})) - allowed
@@ -248,13 +292,26 @@ def parse_federation_config(data: Mapping[str, Any], *, source: str = "<config>"
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def load_federation_config(path: str | Path) -> FederationConfig:
+@dataclass(frozen=True)
+class FederationFile:
+    """A federation TOML file read once: its configuration, and the raw tables of ``extensions``."""
+
+    config: FederationConfig
+    extensions: Mapping[str, Mapping[str, Any]]
+    tables: Mapping[str, Any]
+    """Every table as parsed (for programs that rewrite the file, e.g. the experiments)."""
+
+
+def load_federation_file(
+    path: str | Path | None = None, *, text: str | None = None, source: str = "", extensions: tuple[str, ...] = ()
+) -> FederationFile:
+    """Read and check a federation TOML file that may also hold the tables ``extensions`` names."""
+    source = source or str(path or "<config>")
+    data = read_config_tables(path, text=text, source=source)
+    config = parse_federation_config(data, source=source, extensions=extensions)
+    return FederationFile(config, {name: dict(data.get(name, {})) for name in extensions}, data)
+
+
+def load_federation_config(path: str | Path, *, extensions: tuple[str, ...] = ()) -> FederationConfig:
     """Read and validate a federation TOML file."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"federation config {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"federation config {path} is not valid TOML: {exc}") from None
-    return parse_federation_config(data, source=str(path))
+    return load_federation_file(path, extensions=extensions).config

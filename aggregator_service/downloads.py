@@ -8,14 +8,15 @@ the full model's digest, so it never trains from a model it could not verify (an
 the full download when the check fails).
 
 Deltas are computed on the first download that asks for one and cached in the store, beside the
-models (the store stays the only state)::
+models (the store stays the only state); only from the previous round's model, and building the
+delta to round r removes those to earlier rounds, so the cache holds about one delta::
 
     models/round-0003.from-0002.delta        the delta's frames (a frame file, written atomically)
     models/round-0003.from-0002.delta.json   its record, written last: the commit marker
 
 A cached delta is used only when its record names the current digests of both models and its
 frames still hash to the recorded digest; anything else (missing, half-written, garbage) is
-computed again. The full model is sent when the site holds nothing, a round that is not older,
+computed again. The full model is sent when the site holds nothing, a round that is not the previous one,
 a round the store no longer has, a model whose digest differs from the store's, or when the delta
 would not be smaller.
 
@@ -24,7 +25,6 @@ Plain functions over the store, like ``rounds.py``; the servicer calls :func:`ch
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -35,7 +35,8 @@ import numpy as np
 
 import codec
 from aggregator_service import rounds
-from aggregator_service.errors import AggregatorError
+from aggregator_service.errors import AggregatorError, StoreError
+from aggregator_service.records import DeltaRecord
 from aggregator_service.store import Store
 
 log = logging.getLogger(__name__)
@@ -80,28 +81,21 @@ def delta_paths(store: Store, base_round: int, round_id: int) -> tuple[Path, Pat
     return frames, frames.with_name(frames.name + ".json")
 
 
-def _frames_digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    for frame in iter_frames(path):
-        sha.update(frame)
-    return sha.hexdigest()
-
-
-def _cached(store: Store, base_round: int, round_id: int, base_digest: str, model_digest: str) -> dict[str, Any] | None:
+def _cached(store: Store, base_round: int, round_id: int, base_digest: str, model_digest: str) -> DeltaRecord | None:
     """The record of a usable cached delta, or None (missing, stale or damaged: build it again)."""
     frames, record_path = delta_paths(store, base_round, round_id)
     try:
-        record = store.read_json(record_path.relative_to(store.root))
-    except (ValueError, OSError):  # a damaged record is only a lost cache entry
+        record = store.read_record(record_path.relative_to(store.root), DeltaRecord.from_json)
+    except (StoreError, OSError):  # a damaged record is only a lost cache entry
         return None
-    if not isinstance(record, dict):
+    if record is None:
         return None
-    if record.get("base_digest") != base_digest or record.get("model_digest") != model_digest:
+    if record.base_digest != base_digest or record.model_digest != model_digest:
         return None
-    if not record.get("reproducible"):
+    if not record.reproducible:
         return record  # nothing to stream: the full model is sent
     try:
-        if frames.stat().st_size != record.get("bytes") or _frames_digest(frames) != record.get("delta_digest"):
+        if frames.stat().st_size != record.bytes or codec.file_digest(frames) != record.delta_digest:
             raise codec.CodecError("frames do not match the record")
     except (OSError, codec.CodecError) as exc:
         log.warning("cached delta %s is unusable (%s); computing it again", frames.name, exc)
@@ -109,7 +103,7 @@ def _cached(store: Store, base_round: int, round_id: int, base_digest: str, mode
     return record
 
 
-def _build(store: Store, base_round: int, round_id: int, base_digest: str, model_digest: str) -> dict[str, Any]:
+def _build(store: Store, base_round: int, round_id: int, base_digest: str, model_digest: str) -> DeltaRecord:
     """Compute the delta from the two model files and cache it (frames first, then the record).
 
     The new model is also re-encoded losslessly on the way (one tensor at a time) and hashed:
@@ -117,8 +111,7 @@ def _build(store: Store, base_round: int, round_id: int, base_digest: str, model
     (a file written by another codec version would not), and the delta is marked reproducible.
     """
     frames_path, record_path = delta_paths(store, base_round, round_id)
-    reencoded = hashlib.sha256()
-    delta_sha = hashlib.sha256()
+    reencoded = codec.DigestingFrames()
 
     def new_tensors(fh: Any) -> Iterator[tuple[str, np.ndarray]]:
         for name, array in codec.decode_frames(codec.read_frames(fh)):
@@ -126,15 +119,11 @@ def _build(store: Store, base_round: int, round_id: int, base_digest: str, model
                 reencoded.update(frame)
             yield name, array
 
-    def hashed(frames: Iterator[bytes]) -> Iterator[bytes]:
-        for frame in frames:
-            delta_sha.update(frame)
-            yield frame
-
     with open(store.model_path(base_round), "rb") as old_fh, open(store.model_path(round_id), "rb") as new_fh:
         old = codec.decode_frames(codec.read_frames(old_fh))
+        delta = codec.DigestingFrames(codec.encode_model_delta(old, new_tensors(new_fh)))
         with codec.atomic_writer(frames_path) as out:
-            nbytes = codec.write_frames(out, hashed(codec.encode_model_delta(old, new_tensors(new_fh))))
+            nbytes = codec.write_frames(out, delta)
     reproducible = reencoded.hexdigest() == model_digest
     if not reproducible:
         log.warning(
@@ -142,16 +131,16 @@ def _build(store: Store, base_round: int, round_id: int, base_digest: str, model
             "sites get the full model instead of a delta from round %d", round_id, base_round,
         )
         frames_path.unlink(missing_ok=True)
-    record = {
-        "base_round": base_round,
-        "round_id": round_id,
-        "base_digest": base_digest,
-        "model_digest": model_digest,
-        "delta_digest": delta_sha.hexdigest() if reproducible else "",
-        "bytes": nbytes if reproducible else 0,
-        "reproducible": reproducible,
-    }
-    store.write_json(record_path.relative_to(store.root), record)
+    record = DeltaRecord(
+        base_round=base_round,
+        round_id=round_id,
+        base_digest=base_digest,
+        model_digest=model_digest,
+        delta_digest=delta.hexdigest() if reproducible else "",
+        bytes=nbytes if reproducible else 0,
+        reproducible=reproducible,
+    )
+    store.write_record(record_path.relative_to(store.root), record)
     return record
 
 
@@ -161,7 +150,7 @@ def _builder_lock(store: Store, base_round: int, round_id: int) -> threading.Loc
         return _builders.setdefault(key, threading.Lock())
 
 
-def ensure_delta(store: Store, base_round: int, round_id: int) -> dict[str, Any]:
+def ensure_delta(store: Store, base_round: int, round_id: int) -> DeltaRecord:
     """The record of the delta from ``base_round``'s model to ``round_id``'s, computing it if needed.
 
     Returns the record (``reproducible``, ``bytes``, ``delta_digest``, both models' digests); the
@@ -171,15 +160,35 @@ def ensure_delta(store: Store, base_round: int, round_id: int) -> dict[str, Any]
         NotFound: either model is not in the store.
         codec.CodecError, OSError: a model file cannot be read or the models do not match.
     """
-    base_digest = rounds.read_manifest(store, base_round)["digest"]
-    model_digest = rounds.read_manifest(store, round_id)["digest"]
+    base_digest = rounds.read_manifest(store, base_round).digest
+    model_digest = rounds.read_manifest(store, round_id).digest
     record = _cached(store, base_round, round_id, base_digest, model_digest)
     if record is not None:
         return record
     with _builder_lock(store, base_round, round_id):
         # Another download may have built it while this one waited.
         record = _cached(store, base_round, round_id, base_digest, model_digest)
-        return record or _build(store, base_round, round_id, base_digest, model_digest)
+        if record is None:
+            record = _build(store, base_round, round_id, base_digest, model_digest)
+            evict_deltas(store, keep_from=round_id)
+        return record
+
+
+def evict_deltas(store: Store, *, keep_from: int) -> list[Path]:
+    """Remove cached deltas to models of rounds before ``keep_from`` (record first, then frames):
+    sites that still hold such a round download the full model. Returns what was removed."""
+    removed = []
+    for record in sorted((store.root / "models").glob("round-*.from-*.delta.json")):
+        try:
+            target = int(record.name[len("round-"):len("round-") + 4])
+        except ValueError:
+            continue
+        if target < keep_from:
+            frames = record.with_name(record.name[: -len(".json")])
+            for path in (record, frames):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def choose_download(
@@ -198,10 +207,12 @@ def choose_download(
     delta that cannot be made: that is logged and the full model is sent.
     """
     full = ModelDownload(round_id, model_digest, 0, model_path, model_path.stat().st_size)
-    if have_round <= 0 or have_round >= round_id or not store.model_path(have_round).exists():
+    # Only from the round just before: a site may name any older round, and a delta per pair of
+    # rounds would grow the store with the square of the rounds.
+    if have_round != round_id - 1 or not store.model_path(have_round).exists():
         return full
     try:
-        if have_digest and have_digest != rounds.read_manifest(store, have_round)["digest"]:
+        if have_digest and have_digest != rounds.read_manifest(store, have_round).digest:
             log.info("a site holds a round %d model that is not the store's; sending round %d in full",
                      have_round, round_id)
             return full
@@ -209,7 +220,7 @@ def choose_download(
     except (AggregatorError, codec.CodecError, OSError) as exc:
         log.warning("no delta from round %d to round %d (%s); sending the full model", have_round, round_id, exc)
         return full
-    if not record["reproducible"] or record["bytes"] >= full.nbytes:
+    if not record.reproducible or record.bytes >= full.nbytes:
         return full
     return ModelDownload(round_id, model_digest, have_round, delta_paths(store, have_round, round_id)[0],
-                         int(record["bytes"]))
+                         record.bytes)

@@ -91,11 +91,54 @@ def render(status: dict[str, Any], latency: Histogram) -> str:
     return "\n".join(lines) + "\n"
 
 
-def serve_metrics(listen: str, scrape: Callable[[], str]) -> ThreadingHTTPServer:
-    """Serve ``scrape()`` at ``/metrics`` on ``HOST:PORT`` (port 0 picks one) in a daemon thread."""
+MAX_CONNECTIONS = 8
+"""Scrapes served at once; a connection beyond is closed at once (it costs no thread)."""
+CONNECTION_TIMEOUT_S = 5.0
+"""A connection that sends no complete request (or does not read the answer) within this is closed."""
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """One thread per connection, but at most ``max_connections`` of them."""
+
+    daemon_threads = True
+    request_queue_size = 128  # the listen backlog: connections over the cap are accepted and closed
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.warning("metrics: refusing a connection from %s (%d open, the limit)",
+                        client_address, MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def serve_metrics(
+    listen: str, scrape: Callable[[], str], *, max_connections: int = MAX_CONNECTIONS,
+    timeout_s: float = CONNECTION_TIMEOUT_S,
+) -> ThreadingHTTPServer:
+    """Serve ``scrape()`` at ``/metrics`` on ``HOST:PORT`` (port 0 picks one) in a daemon thread.
+
+    At most ``max_connections`` connections are served at once, each for at most ``timeout_s``
+    per read or write, so idle or slow connections cannot take threads from the gRPC server.
+    """
     host, _, port = listen.rpartition(":")
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = timeout_s  # socket timeout: a silent connection is dropped, not waited on
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self.path.split("?")[0] != "/metrics":
                 self.send_error(404, "only /metrics is served here")
@@ -115,7 +158,6 @@ def serve_metrics(listen: str, scrape: Callable[[], str]) -> ThreadingHTTPServer
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("metrics: " + format, *args)
 
-    server = ThreadingHTTPServer((host.strip("[]") or "0.0.0.0", int(port)), Handler)
-    server.daemon_threads = True
+    server = _BoundedHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), Handler, max_connections)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

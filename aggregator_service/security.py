@@ -33,7 +33,16 @@ from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, Sequen
 
 import grpc
 
-from aggregator_service.errors import AggregatorError
+from aggregator_service.errors import (
+    AggregatorError,
+    BrokenStream,
+    IdentityMismatch,
+    Revoked,
+    TooManyStreams,
+    Unauthenticated,
+    UploadTimeout,
+    check_site_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,42 +59,7 @@ _HEX = re.compile(r"^(0x)?[0-9a-fA-F]+$")
 # refusals (counted like every AggregatorError under their reason)
 
 
-class Unauthenticated(AggregatorError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "unauthenticated"
-
-
-class Revoked(AggregatorError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "revoked"
-
-
-class IdentityMismatch(AggregatorError):
-    code = grpc.StatusCode.PERMISSION_DENIED
-    reason = "identity_mismatch"
-
-
-class TooManyStreams(AggregatorError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "too_many_streams"
-    retryable = True  # the site's other stream will end (or time out)
-
-
-class UploadTimeout(AggregatorError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-    reason = "upload_timeout"
-
-
-class BrokenStream(AggregatorError):
-    """The peer went away mid-stream (cancelled, connection lost): nothing of it is kept."""
-
-    code = grpc.StatusCode.CANCELLED
-    reason = "broken_stream"
-
-
-class MalformedMessage(AggregatorError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = "malformed_message"
+# (defined in errors.py, with every other refusal of the aggregator)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,6 +111,17 @@ def certificate_serial(pem: bytes) -> int | None:
     return x509.load_pem_x509_certificate(pem).serial_number
 
 
+def certificate_common_name(pem: bytes) -> str | None:
+    """The (first) common name of a PEM certificate, exactly as stored (None without ``cryptography``)."""
+    try:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        return None
+    names = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
 def _can_read_serials() -> bool:
     try:
         import cryptography  # noqa: F401
@@ -156,11 +141,20 @@ def peer_from_auth_context(auth: Mapping[str, Sequence[bytes]]) -> Peer | None:
     cn = _first(auth, "x509_common_name")
     if not cn:
         raise Unauthenticated("the client certificate has no common name; issue site certificates with `fedseg certs site`")
+    pem = (auth.get("x509_pem_cert") or [b""])[0]
+    # TLS reports the CN as a C string: a CA-signed "site-a\0evil" would read as "site-a". The
+    # certificate itself is the truth, and its CN must be a site name (what `fedseg certs` issues).
+    actual = certificate_common_name(pem) if pem else None
+    if actual is not None and actual != cn:
+        raise Unauthenticated(f"the client certificate's common name is {actual!r}, not the {cn!r} TLS reported")
+    try:
+        check_site_name(cn)
+    except AggregatorError:
+        raise Unauthenticated(f"the client certificate's common name {cn!r} is not a valid site name") from None
     for san in auth.get("x509_subject_alternative_name") or ():
         text = san.decode("utf-8", "replace")
         if text.startswith(SITE_URI_PREFIX) and text[len(SITE_URI_PREFIX):] != cn:
             raise Unauthenticated(f"the client certificate names site {cn!r} in its CN but {text!r} in its SAN")
-    pem = (auth.get("x509_pem_cert") or [b""])[0]
     return Peer(site=cn, serial=certificate_serial(pem) if pem else None)
 
 
@@ -263,19 +257,67 @@ class StreamLimits:
     """An upload must end (commit) within this many seconds of its first message."""
     max_streams_per_site: int = 2
     """Concurrent uploads + downloads one site may hold open."""
+    header_timeout_seconds: float = 10.0
+    """An upload's header must arrive within this many seconds of the call."""
+    idle_timeout_seconds: float = 60.0
+    """An upload that sends nothing for this long is cut off (and loses its spool slot)."""
+    max_pending_headers: int = 4
+    """Uploads that may wait the full ``header_timeout_seconds`` at once, over all peers; beyond
+    it a header must arrive within ``CROWDED_HEADER_SECONDS`` (an honest client sends it with the
+    call), so streams that never send one cannot pin the server's worker threads."""
 
     def __post_init__(self) -> None:
-        if not self.max_upload_seconds > 0:
-            raise ValueError(f"max_upload_seconds must be > 0, got {self.max_upload_seconds}")
+        for name in ("max_upload_seconds", "header_timeout_seconds", "idle_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_streams_per_site < 1:
             raise ValueError(f"max_streams_per_site must be >= 1, got {self.max_streams_per_site}")
+        if self.max_pending_headers < 1:
+            raise ValueError(f"max_pending_headers must be >= 1, got {self.max_pending_headers}")
+
+
+CROWDED_HEADER_SECONDS = 0.25
+
+
+class HeaderWaits:
+    """Uploads waiting for their header: at most ``per_peer`` per peer (refused beyond), and the
+    full wait for at most ``total`` at once (the others get ``CROWDED_HEADER_SECONDS``)."""
+
+    def __init__(self, per_peer: int, total: int, wait_s: float) -> None:
+        self.per_peer, self.total, self.wait_s = per_peer, total, wait_s
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, peer: str) -> Iterator[float]:
+        """Count one upload of ``peer`` as waiting; yields how long its header may take."""
+        with self._lock:
+            held = self._held.get(peer, 0)
+            if held >= self.per_peer:
+                raise TooManyStreams(
+                    f"{peer} already has {held} upload(s) waiting for a header, the limit is {self.per_peer}; "
+                    "send the header first"
+                )
+            crowded = sum(self._held.values()) >= self.total
+            self._held[peer] = held + 1
+        try:
+            yield min(self.wait_s, CROWDED_HEADER_SECONDS) if crowded else self.wait_s
+        finally:
+            with self._lock:
+                left = self._held[peer] - 1
+                if left:
+                    self._held[peer] = left
+                else:
+                    del self._held[peer]
 
 
 class StreamSlots:
-    """A counting semaphore per site that refuses instead of waiting."""
+    """A counting semaphore per site (and optionally in total) that refuses instead of waiting."""
 
-    def __init__(self, per_site: int) -> None:
+    def __init__(self, per_site: int, total: int | None = None, *, what: str = "stream(s) open") -> None:
         self.per_site = per_site
+        self.total = total
+        self.what = what
         self._lock = threading.Lock()
         self._held: dict[str, int] = {}
 
@@ -285,8 +327,12 @@ class StreamSlots:
             held = self._held.get(site, 0)
             if held >= self.per_site:
                 raise TooManyStreams(
-                    f"site {site!r} already has {held} stream(s) open, the limit is {self.per_site}; "
+                    f"site {site!r} already has {held} {self.what}, the limit is {self.per_site}; "
                     "retry when one has finished"
+                )
+            if self.total is not None and sum(self._held.values()) >= self.total:
+                raise TooManyStreams(
+                    f"the aggregator already has {self.total} {self.what}, its limit; retry in a moment"
                 )
             self._held[site] = held + 1
         try:
@@ -308,9 +354,11 @@ _END = object()
 
 
 def within_deadline(
-    items: Iterable[Any], seconds: float, *, what: str = "upload", clock: Callable[[], float] = time.monotonic
+    items: Iterable[Any], seconds: float, *, what: str = "upload", clock: Callable[[], float] = time.monotonic,
+    first_item_s: float | None = None, idle_s: float | None = None,
 ) -> Generator[Any, None, None]:
-    """Yield ``items`` until they end, or raise :class:`UploadTimeout` ``seconds`` after the start.
+    """Yield ``items`` until they end, or raise :class:`UploadTimeout` ``seconds`` after the start,
+    when the first item takes longer than ``first_item_s``, or any later one longer than ``idle_s``.
 
     gRPC's request iterator blocks in ``next()`` with no timeout, so a reader thread pulls from it
     into a small queue and the caller waits on the queue with the time left. When the caller
@@ -341,15 +389,25 @@ def within_deadline(
 
     thread = threading.Thread(target=reader, name=f"{what}-reader", daemon=True)
     thread.start()
+    first = True
     try:
         while True:
-            left = deadline - clock()
+            now = clock()
+            left = deadline - now
             if left <= 0:
                 raise UploadTimeout(f"the {what} did not finish within {seconds:g} s; it was discarded")
+            wait_s, why = left, None
+            if first and first_item_s is not None and first_item_s < wait_s:
+                wait_s, why = first_item_s, f"sent no header within {first_item_s:g} s"
+            elif not first and idle_s is not None and idle_s < wait_s:
+                wait_s, why = idle_s, f"sent nothing for {idle_s:g} s"
             try:
-                item = box.get(timeout=left)
+                item = box.get(timeout=wait_s)
             except queue.Empty:
+                if why is not None:
+                    raise UploadTimeout(f"the {what} {why}; it was discarded") from None
                 continue
+            first = False
             if item is _END:
                 return
             if isinstance(item, grpc.RpcError):
@@ -383,6 +441,9 @@ class Gate:
         self.revocations = revocations
         self.limits = limits
         self.slots = StreamSlots(limits.max_streams_per_site)
+        # Keyed by the peer's identity (its certificate's site, or its address in insecure mode).
+        self.headers = HeaderWaits(limits.max_streams_per_site, limits.max_pending_headers,
+                                   limits.header_timeout_seconds)
 
     def authorize(self, context: grpc.ServicerContext, claimed: str) -> str:
         """The site this call acts for (``claimed``, or the certificate's when ``claimed`` is empty).
@@ -409,8 +470,15 @@ class Gate:
         """Hold one of ``site``'s stream slots for the duration of a ``with`` block."""
         return self.slots.hold(site)
 
-    def bounded_upload(self, requests: Iterable[Any]) -> Generator[Any, None, None]:
-        return within_deadline(requests, self.limits.max_upload_seconds, what="upload")
+    def awaiting_header(self, peer: str) -> contextlib.AbstractContextManager[float]:
+        """Count an upload of ``peer`` whose header has not arrived; yields how long it may take."""
+        return self.headers.hold(peer)
+
+    def bounded_upload(self, requests: Iterable[Any], header_s: float | None = None) -> Generator[Any, None, None]:
+        limits = self.limits
+        return within_deadline(requests, limits.max_upload_seconds, what="upload",
+                               first_item_s=header_s or limits.header_timeout_seconds,
+                               idle_s=limits.idle_timeout_seconds)
 
 
 def env_flag(name: str) -> bool:

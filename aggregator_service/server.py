@@ -26,11 +26,12 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+import codec
 from aggregator_service import downloads, rounds
 from aggregator_service.config import ConfigError, FederationConfig, load_federation_config
-from aggregator_service.errors import AggregatorError, StoreError
+from aggregator_service.errors import AggregatorError, StoreError, StoreFull
 from aggregator_service.metrics import Histogram, render, serve_metrics
-from aggregator_service.security import Gate, RevocationList, StreamLimits, env_flag, server_credentials
+from aggregator_service.security import Gate, RevocationList, StreamLimits, StreamSlots, env_flag, server_credentials
 from aggregator_service.servicer import AggregatorServicer, add_to_server
 from aggregator_service.store import Store
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
@@ -43,16 +44,10 @@ MAX_MESSAGE_BYTES = 4 << 20
 DEFAULT_LISTEN = "0.0.0.0:50051"
 # Uploads verified at the same time (each holds one frame and one tensor's check in memory).
 MAX_CONCURRENT_SPOOLS = 4
-DEFAULT_METRICS_LISTEN = "0.0.0.0:9090"
+# Loopback unless the deployment says otherwise (the Kubernetes manifest binds 0.0.0.0:9090 for
+# Prometheus and restricts it with a NetworkPolicy).
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9090"
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-class StoreFull(StoreError):
-    """The store's disk (or quota) is full: nothing was committed; retry once space is freed."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "store_full"
-    retryable = True  # once the operator frees space
 
 
 def _store_failure(exc: OSError, what: str) -> StoreError:
@@ -82,6 +77,9 @@ class Aggregator:
         self._stopping = False
         self.submission_latency = Histogram()
         self._spooling = threading.BoundedSemaphore(MAX_CONCURRENT_SPOOLS)
+        # A site has one update per round: one spooling upload per site, so a few sites cannot
+        # hold every spool slot with uploads they never finish.
+        self._spooling_sites = StreamSlots(1, what="upload(s) spooling")
         with self._lock:
             rounds.initialize(store, config, initial_model, now=clock())
 
@@ -126,8 +124,11 @@ class Aggregator:
                 sent += len(frame)
                 yield frame
         finally:
-            with self._lock:
-                rounds.record_bytes_out(self.store, sent)
+            try:
+                with self._lock:
+                    rounds.record_bytes_out(self.store, sent)
+            except (OSError, StoreError):  # the model was sent: a lost count must not fail the download
+                log.exception("could not count %d bytes sent", sent)
 
     # -- writes ------------------------------------------------------------------------------
     def submit(self, header: rounds.UpdateHeader, parts: Iterable[bytes | rounds.UpdateCommit]) -> rounds.Receipt:
@@ -136,7 +137,7 @@ class Aggregator:
         try:
             # A few uploads spool at once; the others wait here while HTTP/2 flow control holds
             # their bytes at the senders, so memory stays flat in the number of sites.
-            with self._spooling:
+            with self._spooling_sites.hold(header.site), self._spooling:
                 spool, record = rounds.spool_update(self.store, self.config, header, parts)
             with self._lock:
                 receipt = rounds.commit_update(self.store, self.config, spool, record, now=self.clock())
@@ -191,6 +192,55 @@ class Aggregator:
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
+
+
+class Load:
+    """Aggregator calls in progress against the worker threads that serve them.
+
+    When every worker is busy the server cannot take a request (it would queue), so the health
+    status of the main port, and of the probe port that shares it, turns NOT_SERVING until one
+    is free again: a probe then sees what a site would.
+    """
+
+    def __init__(self, capacity: int, health_servicer: health.HealthServicer) -> None:
+        self.capacity = capacity
+        self._health = health_servicer
+        self._lock = threading.Lock()
+        self.active = 0
+        self.saturated = False
+
+    def _set(self, saturated: bool) -> None:
+        if saturated == self.saturated:
+            return
+        self.saturated = saturated
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if saturated else health_pb2.HealthCheckResponse.SERVING
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, status)
+        if saturated:
+            log.warning("all %d worker threads are busy: health is NOT_SERVING until one is free", self.capacity)
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.active += 1
+            self._set(self.active >= self.capacity)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.active -= 1
+            self._set(self.active >= self.capacity)
+
+    def track(self, handler: Callable, *, streaming: bool = False) -> Callable:
+        """``handler`` counted while it runs (a response stream: until it ends)."""
+        if streaming:
+            def stream(request: object, context: grpc.ServicerContext) -> Iterator[object]:
+                with self:
+                    yield from handler(request, context)
+            return stream
+
+        def unary(request: object, context: grpc.ServicerContext) -> object:
+            with self:
+                return handler(request, context)
+        return unary
 
 
 @dataclass
@@ -321,8 +371,9 @@ def serve(
             ("grpc.so_reuseport", 0),
         ],
     )
-    add_to_server(AggregatorServicer(aggregator, gate), server)
     health_servicer = health.HealthServicer()
+    load = Load(max_workers, health_servicer)
+    add_to_server(AggregatorServicer(aggregator, gate), server, track=load.track)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     # Both addresses are bound before either server starts, the health one first: grpcio frees
@@ -387,6 +438,17 @@ def _parser() -> argparse.ArgumentParser:
                         default=env("FEDSEG_MAX_UPLOAD_SECONDS", str(StreamLimits.max_upload_seconds)),
                         help="an upload must commit within this many seconds of its first message "
                         f"[env FEDSEG_MAX_UPLOAD_SECONDS, default {StreamLimits.max_upload_seconds:g}]")
+    limits.add_argument("--header-timeout-seconds", type=float,
+                        default=env("FEDSEG_HEADER_TIMEOUT_SECONDS", str(StreamLimits.header_timeout_seconds)),
+                        help="an upload's header must arrive within this many seconds of the call "
+                        f"[env FEDSEG_HEADER_TIMEOUT_SECONDS, default {StreamLimits.header_timeout_seconds:g}]")
+    limits.add_argument("--idle-timeout-seconds", type=float,
+                        default=env("FEDSEG_IDLE_TIMEOUT_SECONDS", str(StreamLimits.idle_timeout_seconds)),
+                        help="an upload that sends nothing for this long is cut off and loses its slot "
+                        f"[env FEDSEG_IDLE_TIMEOUT_SECONDS, default {StreamLimits.idle_timeout_seconds:g}]")
+    limits.add_argument("--max-workers", type=int, default=env("FEDSEG_MAX_WORKERS", "16"),
+                        help="gRPC worker threads; when all are busy, health reports NOT_SERVING "
+                        "[env FEDSEG_MAX_WORKERS, default 16]")
     limits.add_argument("--max-streams-per-site", type=int,
                         default=env("FEDSEG_MAX_STREAMS_PER_SITE", str(StreamLimits.max_streams_per_site)),
                         help="concurrent uploads and downloads per site "
@@ -406,7 +468,10 @@ def transport_security(args: argparse.Namespace) -> tuple[grpc.ServerCredentials
     given = {name: getattr(args, name) for name in ("tls_cert", "tls_key", "tls_ca")}
     flags = ", ".join(f"--{name.replace('_', '-')}" for name, value in given.items() if not value)
     revocations = RevocationList(args.revoked) if args.revoked else None
-    limits = StreamLimits(max_upload_seconds=args.max_upload_seconds, max_streams_per_site=args.max_streams_per_site)
+    limits = StreamLimits(max_upload_seconds=args.max_upload_seconds, max_streams_per_site=args.max_streams_per_site,
+                          header_timeout_seconds=args.header_timeout_seconds,
+                          idle_timeout_seconds=args.idle_timeout_seconds,
+                          max_pending_headers=max(1, args.max_workers // 4))
     if any(given.values()):
         if not all(given.values()):
             raise ValueError(f"mutual TLS needs --tls-cert, --tls-key and --tls-ca; missing {flags}")
@@ -442,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         aggregator = Aggregator(
             Store(args.store), config, initial_model=Path(args.initial_model) if args.initial_model else None
         )
-        running = serve(aggregator, args.listen, credentials=credentials, gate=gate,
+        running = serve(aggregator, args.listen, credentials=credentials, gate=gate, max_workers=args.max_workers,
                         health_listen=None if args.health_listen == "off" else args.health_listen)
         if running.health_port is not None:
             log.info("gRPC health service (plaintext, health only) on port %d", running.health_port)
@@ -456,9 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("federation %r serving on port %d (%s), store %s", config.federation_id, running.port,
              "mutual TLS" if credentials else "PLAINTEXT", args.store)
     if args.port_file:
-        tmp = Path(args.port_file + ".tmp")
-        tmp.write_text(str(running.port))
-        tmp.replace(args.port_file)
+        codec.atomic_write_text(args.port_file, str(running.port))
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

@@ -13,6 +13,7 @@ message reach the servicer as :class:`Malformed` and are refused like any other 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -23,8 +24,8 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from aggregator_service import wire
-from aggregator_service.errors import AggregatorError, InvalidUpdate
-from aggregator_service.security import RETRYABLE_METADATA, BrokenStream, Gate, MalformedMessage
+from aggregator_service.errors import AggregatorError, BrokenStream, InvalidUpdate, MalformedMessage
+from aggregator_service.security import RETRYABLE_METADATA, Gate
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc
 
@@ -141,23 +142,31 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
     ) -> pb.SubmitUpdateResponse:
-        # The deadline covers the whole stream, header included: a peer that opens an upload
-        # and sends nothing is cut off as surely as one that never commits.
-        bounded = self.gate.bounded_upload(request_iterator)
+        # Who calls, and the per-peer limits, are settled before anything is read from the
+        # client: under mutual TLS the certificate names the site (its stream slot is held while
+        # the header arrives); in insecure mode only the peer's address is known until then. A
+        # header must come within header_timeout_seconds, every later message within
+        # idle_timeout_seconds, and the whole upload within max_upload_seconds.
+        identity = self.gate.authorize(context, "")
+        bounded: Any = None
         try:
-            requests = _parsed_stream(bounded)
-            first = next(requests, None)
-            if first is None or first.WhichOneof("part") != "header":
-                raise InvalidUpdate("an upload must start with its header message", reason="bad_stream")
-            site = self.gate.authorize(context, first.header.site)
-            with self.gate.stream(site):
-                receipt = self.aggregator.submit(wire.header_from_proto(first.header), wire.upload_parts(requests))
+            with self.gate.stream(identity) if identity else contextlib.nullcontext():
+                with self.gate.awaiting_header(identity or context.peer()) as header_s:
+                    bounded = self.gate.bounded_upload(request_iterator, header_s)
+                    requests = _parsed_stream(bounded)
+                    first = next(requests, None)
+                if first is None or first.WhichOneof("part") != "header":
+                    raise InvalidUpdate("an upload must start with its header message", reason="bad_stream")
+                site = self.gate.authorize(context, first.header.site)
+                with self.gate.stream(site) if not identity else contextlib.nullcontext():
+                    receipt = self.aggregator.submit(wire.header_from_proto(first.header), wire.upload_parts(requests))
         except InvalidUpdate as exc:
             if exc.reason == "incomplete_stream" and _peer_gone(context):
                 raise BrokenStream(f"the upload stream broke before its commit message ({exc})") from exc
             raise
         finally:
-            bounded.close()  # stops the reader thread now, not whenever the generator is collected
+            if bounded is not None:
+                bounded.close()  # stops the reader thread now, not whenever the generator is collected
         return pb.SubmitUpdateResponse(
             round_id=receipt.round_id,
             digest=receipt.digest,
@@ -203,27 +212,35 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         return response
 
 
-def add_to_server(servicer: AggregatorServicer, server: grpc.Server) -> None:
+def add_to_server(
+    servicer: AggregatorServicer, server: grpc.Server, *, track: Callable[..., Any] | None = None
+) -> None:
     """Register the service like the generated ``add_AggregatorServiceServicer_to_server``, but
-    with deserializers that hand malformed requests to the servicer instead of failing in gRPC."""
+    with deserializers that hand malformed requests to the servicer instead of failing in gRPC.
+
+    ``track(handler, streaming=...)`` wraps each handler (the server counts calls in progress).
+    """
+    def tracked(handler: Callable[..., Any], streaming: bool = False) -> Callable[..., Any]:
+        return track(handler, streaming=streaming) if track is not None else handler
+
     handlers = {
         "Join": grpc.unary_unary_rpc_method_handler(
-            servicer.Join, _tolerant(pb.JoinRequest), pb.JoinResponse.SerializeToString
+            tracked(servicer.Join), _tolerant(pb.JoinRequest), pb.JoinResponse.SerializeToString
         ),
         "GetRound": grpc.unary_unary_rpc_method_handler(
-            servicer.GetRound, _tolerant(pb.GetRoundRequest), pb.GetRoundResponse.SerializeToString
+            tracked(servicer.GetRound), _tolerant(pb.GetRoundRequest), pb.GetRoundResponse.SerializeToString
         ),
         "DownloadModel": grpc.unary_stream_rpc_method_handler(
-            servicer.DownloadModel, _tolerant(pb.DownloadModelRequest), pb.DownloadModelResponse.SerializeToString
+            tracked(servicer.DownloadModel, True), _tolerant(pb.DownloadModelRequest), pb.DownloadModelResponse.SerializeToString
         ),
         "SubmitUpdate": grpc.stream_unary_rpc_method_handler(
-            servicer.SubmitUpdate, _tolerant(pb.SubmitUpdateRequest), pb.SubmitUpdateResponse.SerializeToString
+            tracked(servicer.SubmitUpdate), _tolerant(pb.SubmitUpdateRequest), pb.SubmitUpdateResponse.SerializeToString
         ),
         "GetStatus": grpc.unary_unary_rpc_method_handler(
-            servicer.GetStatus, _tolerant(pb.GetStatusRequest), pb.GetStatusResponse.SerializeToString
+            tracked(servicer.GetStatus), _tolerant(pb.GetStatusRequest), pb.GetStatusResponse.SerializeToString
         ),
         "GetRoundMetrics": grpc.unary_unary_rpc_method_handler(
-            servicer.GetRoundMetrics, _tolerant(pb.GetRoundMetricsRequest), pb.GetRoundMetricsResponse.SerializeToString
+            tracked(servicer.GetRoundMetrics), _tolerant(pb.GetRoundMetricsRequest), pb.GetRoundMetricsResponse.SerializeToString
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

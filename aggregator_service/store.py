@@ -27,17 +27,40 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol, TypeVar
 
-from codec import atomic_write_bytes
+from aggregator_service.errors import StoreError
+from codec import atomic_write_bytes, fsync_dir, remove_temporaries
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+
+class _Record(Protocol):
+    def to_json(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R")
+
+# How an operator recovers each kind of file when it is damaged (named in the refusal).
+_RECOVERY = {
+    "state.json": "restore it from a backup of the store, or start a new federation in an empty --store",
+    "counters.json": "delete it: the counters then start again from zero, nothing else is lost",
+    "sites.json": "delete it: sites are added again as they join",
+    "federation.json": "restore it from a backup of the store, or start a new federation in an empty --store",
+}
+_RECOVERY_SUBMISSION = "delete it and its .frames file: that site's update is then missing and it can upload again"
+_RECOVERY_MODEL = "restore models/ from a backup of the store, or start a new federation in an empty --store"
+
+
+def recovery_hint(path: Path) -> str:
+    """What to do about a damaged store file (for the message that names it)."""
+    if path.name in _RECOVERY:
+        return _RECOVERY[path.name]
+    if path.parent.parent.name == "rounds" and not path.name.startswith("_"):
+        return _RECOVERY_SUBMISSION
+    if ".delta" in path.name:
+        return "delete it: the delta is a cache, rebuilt on the next download that asks for it"
+    if path.parent.name == "models":
+        return _RECOVERY_MODEL
+    return "restore it from a backup of the store"
 
 
 class Store:
@@ -72,6 +95,26 @@ class Store:
     def write_json(self, name: str | Path, value: Any) -> None:
         atomic_write_bytes(self.root / name, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
 
+    def read_record(self, name: str | Path, parse: Callable[[Any], R], default: R | None = None) -> R | None:
+        """A typed record (``parse`` is its ``from_json``), or ``default`` when the file is missing.
+
+        Raises:
+            StoreError: the file is not JSON or not the record's shape; the message names the
+                file, what is wrong, and how to recover.
+        """
+        path = self.root / name
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return default
+        try:
+            return parse(json.loads(text))
+        except (ValueError, TypeError, AttributeError) as exc:  # json's and records' errors are ValueErrors
+            raise StoreError(f"store file {path} is damaged ({exc}); {recovery_hint(path)}") from None
+
+    def write_record(self, name: str | Path, record: _Record) -> None:
+        self.write_json(name, record.to_json())
+
     # -- submissions ------------------------------------------------------------------------
     def committed_sites(self, round_id: int) -> list[str]:
         """Sites whose submission for the round is committed, in name order (the aggregation order)."""
@@ -91,18 +134,25 @@ class Store:
         return self.round_dir(round_id) / "_result.json"
 
     def read_submission(self, round_id: int, site: str) -> dict[str, Any] | None:
+        """A submission's record as stored (plain JSON; rounds.py reads it as a ``records.Submission``)."""
         return self.read_json(self.submission_paths(round_id, site)[1].relative_to(self.root))
 
     def new_spool_path(self) -> Path:
         return self.root / "spool" / f"{uuid.uuid4().hex}.part"
 
-    def commit_submission(self, spool: Path, round_id: int, site: str, record: dict[str, Any]) -> None:
+    def commit_submission(self, spool: Path, round_id: int, site: str, record: _Record) -> None:
         """Move a verified spool file into the round and write its record (the commit marker) last."""
         frames_path, record_path = self.submission_paths(round_id, site)
         frames_path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(spool, frames_path)
         fsync_dir(frames_path.parent)
-        self.write_json(record_path.relative_to(self.root), record)
+        self.write_record(record_path.relative_to(self.root), record)
+
+    def remove_temporaries(self) -> list[Path]:
+        """Delete the temporary files of atomic writes a killed process left behind (a model-sized
+        file per crash during a close); call at start-up only. Returns what was removed."""
+        directories = [self.root, self.root / "models", *sorted((self.root / "rounds").glob("*/"))]
+        return [tmp for directory in directories for tmp in remove_temporaries(directory)]
 
     def clear_spool(self) -> int:
         """Remove uploads that were in progress when a previous process died. Returns how many."""

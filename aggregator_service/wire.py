@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Iterator, Mapping
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -11,6 +12,7 @@ from aggregator_service.config import FederationConfig
 from aggregator_service.errors import InvalidUpdate
 from aggregator_service.rounds import FINISHED, METRIC_NAMES, RoundView, UpdateCommit, UpdateHeader
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
+from protos.fedsegnet.v1.local_metrics import MAX_EXTRA_METRICS
 
 _STATES = {"open": pb.ROUND_STATE_OPEN, FINISHED: pb.ROUND_STATE_FINISHED}
 
@@ -100,8 +102,16 @@ def upload_parts(requests: Iterator[pb.SubmitUpdateRequest]) -> Iterator[bytes |
 
 
 def site_metrics_to_proto(site: Mapping[str, Any]) -> pb.SiteRoundMetrics:
-    extra = dict(site.get("extra_metrics", {}))
-    cases = int(extra.pop("validation_cases", 0))
+    """One site's row of ``GetRoundMetrics``.
+
+    Bounded whatever the store holds: uploads carry at most ``MAX_EXTRA_METRICS`` extra metrics,
+    and a record stored before that limit keeps only its first ``MAX_EXTRA_METRICS`` by name here
+    (the record itself is unchanged), so two sites can never push the response past gRPC's limit.
+    """
+    stored = site.get("extra_metrics", {})
+    cases_value = stored.get("validation_cases", 0)
+    extra = dict(sorted((k, v) for k, v in stored.items() if k != "validation_cases")[:MAX_EXTRA_METRICS])
+    cases = int(cases_value) if math.isfinite(cases_value) and 0 <= cases_value < 2**32 else 0
     return pb.SiteRoundMetrics(
         site=site["site"],
         sample_count=site["sample_count"],

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import os
 import platform
 import sys
@@ -118,21 +117,10 @@ def write_update_file(
     path: Path, shapes: Sequence[tuple[str, Shape]], spec: codec.CodecSpec, seed: int, scale: float = 1e-3
 ) -> UpdateFile:
     """Encode a random delta under ``spec`` into a frames file, as a client agent stores it."""
-    sha = hashlib.sha256()
-    chunks = 0
-    nbytes = 0
-
-    def counted() -> Iterator[bytes]:
-        nonlocal chunks, nbytes
-        for frame in codec.encode_tensors(random_tensors(shapes, seed, scale), spec):
-            sha.update(frame)
-            chunks += 1
-            nbytes += len(frame)
-            yield frame
-
+    frames = codec.DigestingFrames(codec.encode_tensors(random_tensors(shapes, seed, scale), spec))
     with open(path, "wb") as fh:
-        codec.write_frames(fh, counted())
-    return UpdateFile(path, sha.hexdigest(), chunks, nbytes)
+        codec.write_frames(fh, frames)
+    return UpdateFile(path, frames.hexdigest(), frames.count, frames.nbytes)
 
 
 def site_names(count: int) -> list[str]:

@@ -44,7 +44,6 @@ Targets (issue #4): peak_rss_net_over_model_50 <= 3, rss_growth_5_to_50 <= 1.2, 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -336,10 +335,7 @@ def model_io_seconds(model: Path, out: Path) -> float:
         codec.write_frames(dst, codec.encode_tensors(codec.decode_frames(codec.read_frames(src)), codec.LOSSLESS))
         dst.flush()
         os.fsync(dst.fileno())
-    sha = hashlib.sha256()
-    with open(out, "rb") as fh:
-        for frame in codec.read_frames(fh):
-            sha.update(frame)
+    codec.file_digest(out)
     seconds = time.perf_counter() - started
     out.unlink()
     return seconds

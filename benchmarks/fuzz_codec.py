@@ -20,7 +20,6 @@ long local runs::
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import sys
@@ -102,7 +101,7 @@ def fuzz_spool(data: bytes) -> None:
         frames = list(codec.read_frames(io.BytesIO(data)))
     except codec.CodecError:
         return
-    digest = hashlib.sha256(b"".join(frames)).hexdigest()
+    digest = codec.frames_digest(frames)
     parts: list[bytes | rounds.UpdateCommit] = [*frames, rounds.UpdateCommit(len(frames), digest)]
     try:
         spool, _record = rounds.spool_update(store, CONFIG, rounds.UpdateHeader("a", 1, 10), parts)

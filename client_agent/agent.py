@@ -23,7 +23,6 @@ Bad data is refused before the aggregator is contacted (:func:`check_data`), and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -60,6 +59,7 @@ from client_agent.training import (
 )
 from client_agent.transport import AggregatorClient, HeldModel, Refused
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
+from protos.fedsegnet.v1.local_metrics import LOCAL_METRIC_NAMES, SEGMENTATION_METRIC_NAMES
 
 log = logging.getLogger("client_agent")
 
@@ -76,7 +76,7 @@ __all__ = [
     "update_header",
 ]
 
-METRICS = ("dice", "hd95", "iou", "precision", "recall")
+METRICS = SEGMENTATION_METRIC_NAMES
 # Label values are checked against this bound when the federation's class count is not known yet:
 # the check then still finds unreadable files, shape mismatches and non-integer labels.
 _ANY_CLASS_COUNT = 2**31
@@ -222,7 +222,7 @@ def update_header(site: str, round_id: int, pending: Mapping[str, Any]) -> pb.Up
         round_id=round_id,
         sample_count=pending["sample_count"],
         metrics=pb.LocalMetrics(
-            **{k: pending["metrics"][k] for k in (*METRICS, "train_loss", "train_seconds")},
+            **{k: pending["metrics"][k] for k in LOCAL_METRIC_NAMES},
             validation_cases=pending["validation_cases"],
             extra=pending["extra"],
         ),
@@ -540,16 +540,7 @@ class SiteAgent:
     def _encode_and_store(self, r: int, deltas: Mapping[str, np.ndarray], spec: codec.CodecSpec) -> tuple[str, int]:
         """Encode the update with the site's residual; write its frames, then the new residual: (digest, chunks)."""
         encoded = codec.encode_update(list(deltas.items()), spec, self.state.residual())
-        sha = hashlib.sha256()
-        chunks = 0
-
-        def counted() -> Iterator[bytes]:
-            nonlocal chunks
-            for frame in encoded.frames:
-                sha.update(frame)
-                chunks += 1
-                yield frame
-
-        self.state.write_frames("pending", r, counted())
+        counted = codec.DigestingFrames(encoded.frames)
+        self.state.write_frames("pending", r, counted)
         self.state.write_tensors("residual", r, encoded.residual.items())
-        return sha.hexdigest(), chunks
+        return counted.hexdigest(), counted.count

@@ -122,18 +122,11 @@ def _is_frames_file(path: Path) -> bool:
 
 def _federation_model_config(config_path: Path) -> Any:
     """The ``[model]`` section of a federation TOML, or of a ``fedseg simulate`` TOML (``[simulation]`` is ignored)."""
-    import tomllib
+    from aggregator_service.config import load_federation_config
 
-    from aggregator_service.config import ConfigError, parse_federation_config
-
-    try:
-        data = tomllib.loads(Path(config_path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"federation config {config_path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"federation config {config_path} is not valid TOML: {exc}") from None
-    data.pop("simulation", None)
-    return parse_federation_config(data, source=str(config_path)).model
+    if not Path(config_path).exists():
+        raise FileNotFoundError(f"federation config {config_path} does not exist")
+    return load_federation_config(config_path, extensions=("simulation",)).model
 
 
 def _load_frames(path: Path, config_path: Path | None) -> tuple[nn.Module, str, dict[str, Any]]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, TextIO
 
 from client_agent.training import EpochProgress
+from protos.fedsegnet.v1.local_metrics import SEGMENTATION_METRIC_NAMES
 
 __all__ = ["Reporter", "RoundReport", "TensorBoardLog", "tensorboard_available"]
 
@@ -77,7 +78,7 @@ class TensorBoardLog:
 
     def round(self, outcome: RoundReport, ratio: float) -> None:
         r = outcome.round_id
-        for name in ("dice", "hd95", "iou", "precision", "recall", "train_loss"):
+        for name in (*SEGMENTATION_METRIC_NAMES, "train_loss"):
             value = outcome.metrics.get(name)
             if value is not None and math.isfinite(value):
                 self._writer.add_scalar(f"local/{name}", value, r)

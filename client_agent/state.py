@@ -18,7 +18,6 @@ new residual and the aggregator's receipt keeps the old one, and a residual is n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -121,11 +120,7 @@ class SiteState:
 
     def frames_digest(self, kind: str, round_id: int) -> str:
         """SHA-256 (hex) of a frames file's frames concatenated in order: an upload's identity."""
-        sha = hashlib.sha256()
-        with open(self.path(kind, round_id), "rb") as fh:
-            for frame in codec.read_frames(fh):
-                sha.update(frame)
-        return sha.hexdigest()
+        return codec.file_digest(self.path(kind, round_id))
 
     def save_pending(self, round_id: int, header: Mapping[str, Any]) -> None:
         atomic_write_bytes(

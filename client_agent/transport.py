@@ -14,7 +14,6 @@ commit of the same (site, round, digest) as a duplicate of the first.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import random
@@ -250,32 +249,34 @@ def _receive_full(
     mismatches: list[int],
 ) -> Downloaded:
     """Write a full model's frames to ``dest`` as they arrive; check the digest before renaming."""
-    sha = hashlib.sha256()
-    nbytes = 0
+    sha = codec.DigestingFrames()
     digest = ""
     got_round = round_id
-    tmp = dest.with_suffix(".download")
 
     def payloads() -> Iterator[bytes]:
-        nonlocal nbytes, digest, got_round
+        nonlocal digest, got_round
         for chunk in itertools.chain([first] if first is not None else [], chunks):
             sha.update(chunk.frame)
-            nbytes += len(chunk.frame)
             digest, got_round = chunk.model_digest, chunk.round_id
             yield chunk.frame
 
-    with open(tmp, "wb") as fh:
-        codec.write_frames(fh, payloads())
-    if digest and sha.hexdigest() != digest:
-        tmp.unlink(missing_ok=True)
+    class _Mismatch(Exception):
+        pass
+
+    try:
+        # Raised inside the writer on a wrong digest: the temporary file goes, ``dest`` is untouched.
+        with codec.atomic_writer(dest) as fh:
+            codec.write_frames(fh, payloads())
+            if digest and sha.hexdigest() != digest:
+                raise _Mismatch
+    except _Mismatch:
         mismatches[0] += 1
         if mismatches[0] >= MAX_DIGEST_FAILURES:
             raise Refused(grpc.StatusCode.DATA_LOSS, f"model of round {got_round} arrived corrupted "
                           f"{mismatches[0]} times (digest {sha.hexdigest()[:16]}… != {digest[:16]}…)")
         # A corrupted transfer is worth another try, like a dropped connection.
         raise _TransientError(f"model digest mismatch for round {got_round}")
-    tmp.replace(dest)
-    return Downloaded(got_round, dest, sha.hexdigest(), nbytes)
+    return Downloaded(got_round, dest, sha.hexdigest(), sha.nbytes)
 
 
 def _receive_delta(
@@ -291,7 +292,7 @@ def _receive_delta(
         grpc.RpcError: the stream broke (retried by the caller, as for a full download).
     """
     nbytes = 0
-    rebuilt = hashlib.sha256()
+    rebuilt = codec.DigestingFrames()
 
     def payloads() -> Iterator[bytes]:
         nonlocal nbytes
@@ -303,16 +304,12 @@ def _receive_delta(
             nbytes += len(chunk.frame)
             yield chunk.frame
 
-    def hashed(frames: Iterator[bytes]) -> Iterator[bytes]:
-        for frame in frames:
-            rebuilt.update(frame)
-            yield frame
-
     try:
         with open(base.path, "rb") as base_fh, codec.atomic_writer(dest) as out:
             old = codec.decode_frames(codec.read_frames(base_fh))
             new = codec.apply_model_delta(old, payloads())
-            codec.write_frames(out, hashed(codec.encode_tensors(new, codec.LOSSLESS)))
+            rebuilt = codec.DigestingFrames(codec.encode_tensors(new, codec.LOSSLESS))
+            codec.write_frames(out, rebuilt)
             if rebuilt.hexdigest() != first.model_digest:
                 # Raised inside the writer: the temporary file is removed, ``dest`` never appears.
                 raise codec.CodecError(

@@ -11,7 +11,21 @@ Typical use::
     model = dict(decode_frames(frames))                            # anyone
 """
 
-from .container import FILE_MAGIC, atomic_write_bytes, atomic_writer, load_tensors, read_frames, save_tensors, write_frames
+from .container import (
+    FILE_MAGIC,
+    DigestingFrames,
+    atomic_write_bytes,
+    atomic_write_text,
+    atomic_writer,
+    file_digest,
+    frames_digest,
+    fsync_dir,
+    load_tensors,
+    read_frames,
+    remove_temporaries,
+    save_tensors,
+    write_frames,
+)
 from .delta import apply_model_delta, encode_model_delta
 from .errors import CodecError
 from .frame import MAX_FRAME_BYTES, PAYLOAD_BUDGET, SUPPORTED_DTYPES, FrameHeader, read_header
@@ -55,6 +69,12 @@ __all__ = [
     "load_tensors",
     "atomic_writer",
     "atomic_write_bytes",
+    "atomic_write_text",
+    "fsync_dir",
+    "remove_temporaries",
+    "frames_digest",
+    "file_digest",
+    "DigestingFrames",
     "encode_model_delta",
     "apply_model_delta",
 ]

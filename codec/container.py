@@ -7,6 +7,7 @@ then a ``u32 0`` end marker. The end marker makes a file cut at a frame boundary
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import struct
 import tempfile
@@ -22,6 +23,7 @@ from .stream import DEFAULT_MAX_TENSOR_BYTES, NamedTensors, decode_frames, encod
 
 __all__ = [
     "FILE_MAGIC", "write_frames", "read_frames", "save_tensors", "load_tensors", "atomic_writer", "atomic_write_bytes",
+    "fsync_dir", "frames_digest", "remove_temporaries", "atomic_write_text", "file_digest", "DigestingFrames",
 ]
 
 FILE_MAGIC = b"FSNC\x01\x00\x00\x00"
@@ -77,16 +79,72 @@ def read_frames(fileobj: BinaryIO, *, max_frame_bytes: int = MAX_FRAME_BYTES) ->
         index += 1
 
 
+def frames_digest(frames: Iterable[bytes]) -> str:
+    """SHA-256 (hex) of frames concatenated in order: the digest an upload, a model and a
+    download are identified by (the container's magic and length prefixes are not part of it)."""
+    sha = hashlib.sha256()
+    for frame in frames:
+        sha.update(frame)
+    return sha.hexdigest()
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """:func:`frames_digest` of a frame file's frames (read one at a time)."""
+    with open(path, "rb") as fh:
+        return frames_digest(read_frames(fh))
+
+
+class DigestingFrames:
+    """Pass frames through while hashing and counting them, for writers that stream them on.
+
+    ``hexdigest()`` is :func:`frames_digest` of the frames seen so far; ``count`` and ``nbytes``
+    are how many frames and frame bytes went through.
+    """
+
+    def __init__(self, frames: Iterable[bytes] = ()) -> None:
+        self._frames = frames
+        self._sha = hashlib.sha256()
+        self.count = 0
+        self.nbytes = 0
+
+    def update(self, frame: bytes) -> None:
+        self._sha.update(frame)
+        self.count += 1
+        self.nbytes += len(frame)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for frame in self._frames:
+            self.update(frame)
+            yield frame
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename inside directory ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        dir_fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces ``path`` atomically when the block exits without error.
 
-    A temporary file in the same directory is fsynced, renamed over ``path`` and the directory
-    fsynced, so readers (and a crash) see either the old file or the new one, never a mix.
+    The one atomic write of the project: a temporary file in the same directory
+    (``.NAME.*.tmp``) is fsynced, renamed over ``path`` and the directory fsynced, so readers
+    (and a crash) see either the old file or the new one, never a mix; an error removes the
+    temporary file. A crash can still leave one behind: see :func:`remove_temporaries`.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
@@ -97,14 +155,26 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    try:
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(target.parent)
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def remove_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files :func:`atomic_writer` left in ``directory`` when a process died
+    mid-write (``.NAME.*.tmp``); returns what was removed. Call it only when no writer runs there."""
+    removed = []
+    for tmp in Path(directory).glob(f".*{TEMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) atomically (see :func:`atomic_writer`)."""
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

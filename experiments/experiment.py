@@ -31,12 +31,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
+from aggregator_service.config import read_config_tables
 from experiments.simulate import DEFAULT_CONFIG, RoundRow, dump_toml, run_simulation
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 COMPRESSED = {"top_k_fraction": 0.01, "quantization": "int8", "zstd_level": 3}
 TOP10 = {"top_k_fraction": 0.1, "quantization": "int8", "zstd_level": 3}
@@ -213,7 +209,7 @@ def run_experiment(
         raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
     text = (Path(base_config).read_text() if base_config
             else resources.files("experiments.configs").joinpath(DEFAULT_CONFIG).read_text())
-    base = tomllib.loads(text)
+    base = read_config_tables(text=text, source=str(base_config or DEFAULT_CONFIG))
     tag = results_tag(name, scale, base_config)
     out = results_dir / tag
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -276,7 +272,7 @@ def _run_method(
         stream.write(f"[{tag}] {method}: {METHODS[method].label}\n")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "sim.toml").write_text(config_text)
-    federation = tomllib.loads(config_text).get("federation", {})
+    federation = read_config_tables(text=config_text, source=str(workdir / "sim.toml")).get("federation", {})
     # Long runs are bounded by the aggregator's round deadlines, not by a fixed total.
     timeout_s = 600.0 + float(federation.get("rounds", 3)) * float(federation.get("round_timeout_s", 600))
     started = time.monotonic()

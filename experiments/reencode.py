@@ -26,11 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import codec
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from aggregator_service.config import read_config_tables
 
 
 @dataclass(frozen=True)
@@ -79,7 +75,7 @@ def codec_spec_of(workdir: Path) -> codec.CodecSpec:
     for name in ("federation.toml", "sim.toml"):
         path = workdir / name
         if path.exists():
-            return codec.CodecSpec(**tomllib.loads(path.read_text()).get("codec", {}))
+            return codec.CodecSpec(**read_config_tables(path).get("codec", {}))
     raise FileNotFoundError(f"{workdir}: neither federation.toml nor sim.toml")
 
 

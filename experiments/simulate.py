@@ -24,14 +24,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
-from aggregator_service.config import FederationConfig, parse_federation_config
+from aggregator_service.config import FederationConfig, parse_federation_config, read_config_tables
 from aggregator_service.launcher import AggregatorProcess
 from client_agent.init_model import write_initial_model
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +84,7 @@ def load_simulation_config(path: str | Path | None = None) -> tuple[SimulationSe
     else:
         text = Path(path).read_text()
         source = str(path)
-    data = tomllib.loads(text)
+    data = read_config_tables(text=text, source=source)
     sim_data = dict(data.pop("simulation", {}))
     allowed = {f.name for f in dataclasses.fields(SimulationSettings)}
     unknown = set(sim_data) - allowed
@@ -100,7 +95,7 @@ def load_simulation_config(path: str | Path | None = None) -> tuple[SimulationSe
     sim = SimulationSettings(**sim_data)
     if sim.pool_sites:
         data.setdefault("federation", {}).update(sites=["pooled"], min_clients=1, max_clients=1)
-    federation = parse_federation_config(data, source=source)
+    federation = parse_federation_config(data, source=source, extensions=("simulation",))
     if not federation.sites:
         federation = dataclasses.replace(federation, sites=tuple(f"site-{i + 1}" for i in range(sim.sites)))
     if not sim.pool_sites and len(federation.sites) != sim.sites:

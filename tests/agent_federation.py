@@ -7,7 +7,6 @@ Tiny on purpose: one 32³ MNI152 site of 3 cases (2 train, 1 validation) resampl
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -124,10 +123,7 @@ def run_agent(
 
 
 def frames_digest(frames: Iterable[bytes]) -> str:
-    sha = hashlib.sha256()
-    for frame in frames:
-        sha.update(frame)
-    return sha.hexdigest()
+    return codec.frames_digest(frames)
 
 
 def agent_json(state_dir: Path) -> dict[str, Any]:

@@ -8,7 +8,6 @@ that met no attacker and no fault.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import zlib
 from dataclasses import dataclass
@@ -65,10 +64,7 @@ def frames_of(tensors: Mapping[str, np.ndarray], spec: codec.CodecSpec = codec.L
 
 
 def digest(frames: Sequence[bytes]) -> str:
-    sha = hashlib.sha256()
-    for frame in frames:
-        sha.update(frame)
-    return sha.hexdigest()
+    return codec.frames_digest(frames)
 
 
 def header_proto(site: str, round_id: int, n: int | None = None) -> pb.UpdateHeader:

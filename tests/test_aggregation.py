@@ -10,31 +10,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from aggregator_service.aam import AAMConfig, SiteStats, aam_weights
 from aggregator_service.aggregation import (
-    STRATEGIES,
-    StrategyConfig,
     cast_to_dtype,
-    combine_tensor,
     coordinate_median,
     fedadam_init_state,
     fedadam_step,
     fedavg_weights,
     mean_weights,
-    round_weights,
     scatter_add,
     trimmed_mean,
     weighted_accumulate,
     weighted_sum,
 )
-
-
-def stats_for(counts: list[int], finite: list[bool] | None = None) -> list[SiteStats]:
-    finite = finite or [True] * len(counts)
-    return [
-        SiteStats(site=f"s{i}", sample_count=n, dice=0.8, hd95=3.0, update_norm=1.0, finite=f)
-        for i, (n, f) in enumerate(zip(counts, finite))
-    ]
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -352,121 +339,3 @@ def test_fedadam_validation(kwargs: dict[str, object], message: str) -> None:
 
     with pytest.raises(ValueError, match=message):
         fedadam_step(**arguments)  # type: ignore[arg-type]
-
-
-# ----------------------------------------------------------------------------------------- registry
-
-
-def test_strategy_config_defaults_and_flags() -> None:
-    config = StrategyConfig()
-
-    assert config.name == "aam" and config.aam == AAMConfig()
-    assert STRATEGIES == ("fedavg", "mean", "median", "trimmed_mean", "fedadam", "aam")
-    assert [StrategyConfig(name=n).is_weighted for n in STRATEGIES] == [
-        True, True, False, False, True, True
-    ]
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"name": "krum"}, r"unknown aggregation strategy 'krum'; allowed: \['fedavg', 'mean'"),
-        ({"trim_fraction": 0.5}, r"trim_fraction must be in \[0, 0.5\), got 0.5"),
-        ({"server_lr": -1.0}, "server_lr must be a finite number > 0, got -1.0"),
-        ({"beta1": 1.0}, r"beta1 must be in \[0, 1\)"),
-        ({"tau": math.inf}, "tau must be a finite number > 0"),
-        ({"aam": {"max_weight": 0.5}}, "aam must be an AAMConfig"),
-    ],
-)
-def test_strategy_config_validation(kwargs: dict[str, object], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        StrategyConfig(**kwargs)  # type: ignore[arg-type]
-
-
-def test_strategy_config_from_toml_mapping() -> None:
-    # What tomllib gives for [aggregation] name = "fedadam", server_lr = 0.1, [aggregation.aam] ...
-    table = {"name": "fedadam", "server_lr": 0.1, "tau": 1e-4, "aam": {"max_weight": 0.5}}
-
-    config = StrategyConfig.from_mapping(table)
-
-    assert config == StrategyConfig(
-        name="fedadam", server_lr=0.1, tau=1e-4, aam=AAMConfig(max_weight=0.5)
-    )
-
-
-@pytest.mark.parametrize(
-    ("table", "message"),
-    [
-        ({"nmae": "aam"}, r"unknown aggregation option\(s\) \['nmae'\]; allowed: \['aam', 'beta1'"),
-        ({"aam": {"temperature": 1.0}}, r"unknown AAM option\(s\) \['temperature'\]"),
-        ({"aam": 0.5}, "aam must be a table of AAM options"),
-        ({"name": "fedprox"}, "unknown aggregation strategy 'fedprox'"),
-    ],
-)
-def test_strategy_config_from_mapping_refuses_bad_tables(table: dict[str, object], message: str
-                                                         ) -> None:
-    with pytest.raises(ValueError, match=message):
-        StrategyConfig.from_mapping(table)
-
-
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [
-        ("fedavg", [0.25, 0.75]),
-        ("fedadam", [0.25, 0.75]),  # FedAdam's pseudo-gradient is the FedAvg-weighted mean
-        ("mean", [0.5, 0.5]),
-        ("aam", [0.25, 0.75]),  # alike sites: AAM is FedAvg
-        ("median", None),
-        ("trimmed_mean", None),
-    ],
-)
-def test_round_weights_per_strategy(name: str, expected: list[float] | None) -> None:
-    weights = round_weights(StrategyConfig(name=name), stats_for([1, 3]))
-
-    if expected is None:
-        assert weights is None
-    else:
-        np.testing.assert_array_equal(weights, expected)
-
-
-def test_round_weights_aam_uses_its_config() -> None:
-    stats = stats_for([8, 1, 1])
-    config = StrategyConfig(name="aam", aam=AAMConfig(max_weight=0.5))
-
-    weights = round_weights(config, stats)
-
-    assert weights is not None
-    np.testing.assert_array_equal(weights, aam_weights(stats, config.aam).weights)
-    np.testing.assert_allclose(weights, [0.5, 0.25, 0.25], rtol=1e-12)
-
-
-@pytest.mark.parametrize("name", ["fedavg", "mean", "fedadam"])
-def test_baselines_refuse_non_finite_updates(name: str) -> None:
-    stats = stats_for([1, 1], finite=[True, False])
-
-    with pytest.raises(ValueError, match=r"cannot aggregate non-finite updates of site\(s\) \['s1'\]"):
-        round_weights(StrategyConfig(name=name), stats)
-
-
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [
-        ("median", [3.0]),  # median(1, 3, 20)
-        ("trimmed_mean", [3.0]),  # K = 3, trim 0.4 -> drop 1 each side -> 3
-        ("fedavg", [2.0 * 0.5 + 3.0 * 0.25 + 20.0 * 0.25]),  # weights given: 1 + 0.75 + 5 = 6.75
-    ],
-)
-def test_combine_tensor_dispatches(name: str, expected: list[float]) -> None:
-    arrays = [np.array([1.0]), np.array([3.0]), np.array([20.0])]
-    if name == "fedavg":
-        arrays[0] = np.array([2.0])
-    weights = np.array([0.5, 0.25, 0.25]) if name == "fedavg" else None
-
-    result = combine_tensor(StrategyConfig(name=name, trim_fraction=0.4), arrays, weights)
-
-    np.testing.assert_array_equal(result, expected)
-
-
-def test_combine_tensor_weighted_strategy_needs_weights() -> None:
-    with pytest.raises(ValueError, match="strategy 'aam' needs weights"):
-        combine_tensor(StrategyConfig(name="aam"), [np.zeros(1)])

@@ -15,6 +15,7 @@ import pytest
 
 import codec
 from aggregator_service import downloads, rounds
+from aggregator_service.records import ModelManifest, TensorSpec
 from aggregator_service.store import Store
 from client_agent.agent import SiteAgent
 from client_agent.reporting import Reporter
@@ -39,7 +40,10 @@ def write_model(store: Store, round_id: int, tensors: dict, spec: codec.CodecSpe
     """A global model file and its manifest, as rounds.close_round leaves them."""
     path = store.model_path(round_id)
     codec.save_tensors(path, tensors.items(), spec)
-    store.write_json(f"models/round-{round_id:04d}.json", {"digest": rounds.frames_digest(path), "bytes": path.stat().st_size})
+    store.write_record(f"models/round-{round_id:04d}.json", ModelManifest(
+        codec.file_digest(path), path.stat().st_size,
+        tuple(TensorSpec(name, tuple(a.shape), a.dtype.str) for name, a in tensors.items()),
+    ))
     return path
 
 
@@ -63,7 +67,7 @@ def store(tmp_path: Path) -> Store:
 
 
 def choose(store: Store, round_id: int, **have) -> downloads.ModelDownload:
-    digest = rounds.read_manifest(store, round_id)["digest"]
+    digest = rounds.read_manifest(store, round_id).digest
     return downloads.choose_download(store, round_id, store.model_path(round_id), digest, **have)
 
 
@@ -79,7 +83,7 @@ def full_frames(store: Store, round_id: int) -> bytes:
 
 
 def test_a_site_holding_the_previous_round_gets_a_smaller_delta_that_rebuilds_the_exact_model(store):
-    download = choose(store, 2, have_round=1, have_digest=rounds.read_manifest(store, 1)["digest"])
+    download = choose(store, 2, have_round=1, have_digest=rounds.read_manifest(store, 1).digest)
 
     assert download.delta_from_round == 1
     assert download.nbytes < store.model_path(2).stat().st_size / 4
@@ -150,7 +154,7 @@ def test_a_delta_that_would_not_be_smaller_is_not_sent(tmp_path):
     download = choose(store, 2, have_round=1)
 
     assert download.delta_from_round == 0
-    assert downloads.ensure_delta(store, 1, 2)["bytes"] >= store.model_path(2).stat().st_size
+    assert downloads.ensure_delta(store, 1, 2).bytes >= store.model_path(2).stat().st_size
 
 
 def test_a_model_that_does_not_reencode_to_its_digest_is_sent_in_full(tmp_path, caplog):
@@ -238,7 +242,7 @@ def test_bytes_out_and_the_rounds_reported_bytes_count_what_was_sent(sparse_fede
 def download_holding(fed, held_round: int, round_id: int, dest: Path):
     """Download ``round_id`` as site-a holding the store's own (intact) model of ``held_round``."""
     base = HeldModel(held_round, fed.store.model_path(held_round),
-                     rounds.read_manifest(fed.store, held_round)["digest"])
+                     rounds.read_manifest(fed.store, held_round).digest)
     client = AggregatorClient(fed.target, backoff=FAST_RETRIES, seed=0)
     try:
         return client.download(round_id, "site-a", dest, base=base)
@@ -246,11 +250,12 @@ def download_holding(fed, held_round: int, round_id: int, dest: Path):
         client.close()
 
 
-def test_a_site_holding_an_older_round_gets_a_delta_across_rounds(sparse_federation, tmp_path):
+def test_a_site_holding_an_older_round_than_the_previous_gets_the_full_model(sparse_federation, tmp_path):
+    # Deltas come only from the previous round (a delta per pair of rounds grew the store as R²).
     fed = sparse_federation[0]
     got = download_holding(fed, 1, 3, tmp_path / "m.frames")
 
-    assert got.delta_from_round == 1
+    assert got.delta_from_round == 0
     assert (tmp_path / "m.frames").read_bytes() == fed.store.model_path(3).read_bytes()
 
 
@@ -267,7 +272,7 @@ def test_a_request_without_an_older_round_gets_the_full_model(sparse_federation,
 
     assert {c.delta_from_round for c in chunks} == {0}
     assert b"".join(c.frame for c in chunks) == b"".join(downloads.iter_frames(fed.store.model_path(3)))
-    assert chunks[0].model_digest == rounds.read_manifest(fed.store, 3)["digest"]
+    assert chunks[0].model_digest == rounds.read_manifest(fed.store, 3).digest
 
 
 def test_a_delta_response_says_its_base_and_the_full_models_digest(sparse_federation):
@@ -276,7 +281,7 @@ def test_a_delta_response_says_its_base_and_the_full_models_digest(sparse_federa
     chunks = raw_download(fed.target, round_id=3, site="site-a", have_round=2)
 
     assert {(c.round_id, c.delta_from_round, c.model_digest) for c in chunks} == {
-        (3, 2, rounds.read_manifest(fed.store, 3)["digest"])
+        (3, 2, rounds.read_manifest(fed.store, 3).digest)
     }
     assert [c.index for c in chunks] == list(range(len(chunks)))
 
@@ -295,7 +300,7 @@ def test_a_base_that_lies_about_its_digest_falls_back_to_the_full_model(sparse_f
     damaged = tmp_path / "global-0002.frames"
     damaged.write_bytes(fed.store.model_path(2).read_bytes())
     corrupt(damaged)
-    base = HeldModel(2, damaged, rounds.read_manifest(fed.store, 2)["digest"])
+    base = HeldModel(2, damaged, rounds.read_manifest(fed.store, 2).digest)
     client = AggregatorClient(fed.target, backoff=FAST_RETRIES, seed=0)
     try:
         with caplog.at_level(logging.WARNING, logger="client_agent.transport"):
@@ -338,7 +343,7 @@ def test_an_agent_whose_model_was_damaged_on_disk_gets_the_full_model(sparse_fed
         client.close()
 
     assert held is not None and (held.round_id, held.path) == (2, damaged)
-    assert held.digest != rounds.read_manifest(fed.store, 2)["digest"]
+    assert held.digest != rounds.read_manifest(fed.store, 2).digest
     assert got.delta_from_round == 0
     assert got.nbytes == model_bytes(fed.store.model_path(3))
     assert (tmp_path / "state" / "global-0003.frames").read_bytes() == fed.store.model_path(3).read_bytes()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import urllib.request
 from pathlib import Path
 
@@ -31,7 +30,7 @@ def test_metrics_endpoint_reports_submissions_and_rejections(tmp_path: Path) -> 
     config = FederationConfig(federation_id="m", rounds=1, min_clients=2, max_clients=2, sites=("a", "b"))
     aggregator = Aggregator(Store(tmp_path / "store"), config, initial_model=initial)
     frames = list(codec.encode_tensors({"w": np.ones(4, np.float32)}))
-    commit = UpdateCommit(len(frames), hashlib.sha256(b"".join(frames)).hexdigest())
+    commit = UpdateCommit(len(frames), codec.frames_digest(frames))
     aggregator.submit(UpdateHeader(site="a", round_id=1, sample_count=3), [*frames, commit])
     from aggregator_service.errors import WrongRound
 
