@@ -4,7 +4,8 @@
 random ``(B, 4, S, S, S)`` batch with random labels of 4 classes, every network built through
 ``model.build_model`` with the project's defaults:
 
-* ``transformer_unet`` — ours (``channels=(16, 32, 64, 128)``, 2 transformer layers, 4 heads);
+* ``transformer_unet`` — ours, the lean default (``channels=(8, 16, 32, 64, 128)``, 2 transformer
+  layers, 4 heads at 1/16 of each side);
 * ``unet`` — MONAI UNet, channels 16–256, strides 2, 2 residual units, instance norm;
 * ``unetr`` — MONAI UNETR, ``feature_size=16``, ``hidden_size=768``, 12 heads;
 * ``swin_unetr`` — MONAI SwinUNETR, ``feature_size=48``.
@@ -23,8 +24,16 @@ order, learning rate and batch) on the demo federation's pooled site data (gener
 because SwinUNETR needs multiples of 32) and is scored on the held-out test set (a scanner no
 site saw) with ``client_agent.training.evaluate``: mean Dice and HD95 over CSF / GM / WM.
 
+**FLOPs only** (``--flops-only``): the GFLOP of one training step of every network at 128³,
+batch 2 (``--size`` / ``--batch`` to change), counted with ``torch.utils.flop_counter`` on the meta
+device — no memory, no compute, any machine, about a minute; the last line with ``--json`` is
+``{"gflop_per_step": {"transformer_unet": …, "unet": …, "unetr": …, "swin_unetr": …}}``. The count
+is forward + backward of the network (convolutions, matmuls, attention); the loss and the optimizer
+step, a few elementwise passes, are not counted.
+
 Usage::
 
+    python benchmarks/train_speed.py --flops-only --json       # any machine: GFLOP/step at 128³ b2
     python benchmarks/train_speed.py --json                    # GPU: 128³ b2 bf16; CPU: 64³ b1 fp32
     python benchmarks/train_speed.py --models transformer_unet unetr --size 96
     python benchmarks/train_speed.py --dice-steps 40 --json    # Dice at equal steps (CPU minutes)
@@ -237,7 +246,10 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "models": results,
         "ratio_vs_unetr": _ratio(ours, results.get("unetr")),
         "ratio_vs_swinunetr": _ratio(ours, results.get("swin_unetr")),
+        "ratio_vs_swin_unetr": _ratio(ours, results.get("swin_unetr")),
         "ratio_vs_unet": _ratio(ours, results.get("unet")),
+        "vol_per_s": {k: v.get("vol_per_s") for k, v in results.items()},
+        "gflop_per_step": {k: v.get("gflop_per_step") for k, v in results.items()},
     }
     print(f"# training step (forward + loss + backward + Adam): {args.size}³, batch {args.batch}, "
           f"{summary['amp']}, {args.warmup} warm-up + {args.steps} timed steps")
@@ -257,6 +269,31 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         print("# the issue's H200 reference for MONAI (128³ b2 bf16, not measured here): "
               + ", ".join(f"{k} {v} vol/s" for k, v in REFERENCE_H200.items()))
     return summary
+
+
+# ------------------------------------------------------------------------------------ FLOPs only
+
+
+def run_flops(args: argparse.Namespace) -> dict[str, Any]:
+    """GFLOP per training step of every network in ``args.models`` (meta device, any machine)."""
+    gflop: dict[str, float | None] = {}
+    params: dict[str, int] = {}
+    for name in args.models:
+        print(f"counting {name} …", file=sys.stderr, flush=True)
+        gflop[name] = count_gflop(name, size=args.size, batch=args.batch)
+        with torch.device("meta"):
+            try:
+                params[name] = sum(p.numel() for p in build(name, in_channels=4, out_channels=4, size=args.size).parameters())
+            except (RuntimeError, NotImplementedError):  # a constructor that needs real values
+                params[name] = -1
+    print(f"# GFLOP of one training step (forward + backward), {args.size}³, batch {args.batch}, 4 channels, 4 classes")
+    print("| model | params M | GFLOP/step | / ours |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, g in gflop.items():
+        rel = "" if g is None or not gflop.get(OURS) else f"{g / gflop[OURS]:.2f}"
+        p = "?" if params[name] < 0 else f"{params[name] / 1e6:.2f}"
+        print(f"| {LABELS.get(name, name)} | {p} | {'?' if g is None else f'{g:,.0f}'} | {rel} |")
+    return {"gflop_per_step": gflop}
 
 
 # ------------------------------------------------------------------------------ Dice at equal steps
@@ -375,6 +412,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, torch.de
     parser.add_argument("--steps", type=int, help="timed steps (default: 20 on GPU, 2 on CPU)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 5 on GPU, 1 on CPU)")
     parser.add_argument("--amp", type=_yes_no, default=True, metavar="yes/no", help="bf16 autocast on CUDA (default yes)")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="only count GFLOP per training step (meta device; 128³ batch 2 unless --size/--batch)")
     parser.add_argument("--dice-steps", type=int, default=0, metavar="N",
                         help="instead of timing: train each network N steps on the demo data, report held-out Dice")
     parser.add_argument("--dice-size", type=int, default=64, help="grid for --dice-steps (multiple of 32; default 64)")
@@ -390,8 +429,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, torch.de
     gpu = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.size = args.size or (128 if gpu else 64)
-    args.batch = args.batch or (2 if gpu or args.dice_steps else 1)
+    args.size = args.size or (128 if gpu or args.flops_only else 64)
+    args.batch = args.batch or (2 if gpu or args.dice_steps or args.flops_only else 1)
     args.steps = args.steps or (20 if gpu else 2)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     for name in ("size", "batch", "steps", "dice_size"):
@@ -406,6 +445,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, torch.de
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, device = parse_args(argv)
+    if args.flops_only:
+        flops = run_flops(args)
+        if args.json:
+            print(json.dumps(flops, sort_keys=True))
+        return 1 if any(v is None for v in flops["gflop_per_step"].values()) else 0
     summary = run_dice(args, device) if args.dice_steps else run_speed(args, device)
     if args.json:
         print(json.dumps(summary, sort_keys=True))
