@@ -28,7 +28,7 @@ import codec
 from aggregator_service.errors import REJECTION_REASONS
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INITIAL = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([0.5, -0.5], dtype=np.float32)}
 pytestmark = pytest.mark.slow  # starts gRPC servers
 

@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's ip (apt-get install iproute2)"),
 ]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SUBNET = "10.200.0"  # only inside the namespaces made here
 HOSTS = {"aggregator": 1, "site-a": 2, "site-b": 3}
 PORT = 50051

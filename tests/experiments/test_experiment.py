@@ -48,7 +48,7 @@ def test_merge_overrides_nested_tables_and_drops_keys() -> None:
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_gives_a_valid_simulation_config(method: str, tmp_path: Path) -> None:
-    base = tomllib.loads((Path(__file__).parents[1] / "experiments/configs/demo.toml").read_text())
+    base = tomllib.loads((Path(__file__).parents[2] / "experiments/configs/demo.toml").read_text())
     path = tmp_path / "sim.toml"
     path.write_text(dump_toml(method_config(base, method, "demo")))
     sim, federation, federation_toml = load_simulation_config(path)
@@ -103,7 +103,7 @@ def test_faulty_site_gets_the_requested_label_noise(federation, tmp_path: Path) 
 
 
 def _demo_base() -> dict:  # type: ignore[type-arg]
-    return tomllib.loads((Path(__file__).parents[1] / "experiments/configs/demo.toml").read_text())
+    return tomllib.loads((Path(__file__).parents[2] / "experiments/configs/demo.toml").read_text())
 
 
 @pytest.mark.parametrize("method", EXPERIMENTS["brats"])
@@ -118,7 +118,7 @@ def test_brats_experiment_runs_every_method_on_the_four_channel_task(method: str
 
 def test_make_demo_runs_what_table3_measures_as_fedsegnet() -> None:
     # `make demo` shows FedSegNet: its configuration is table3's FedSegNet row at demo scale.
-    demo = tomllib.loads((Path(__file__).parents[1] / "experiments/configs/demo-fedsegnet.toml").read_text())
+    demo = tomllib.loads((Path(__file__).parents[2] / "experiments/configs/demo-fedsegnet.toml").read_text())
     row = method_config(_demo_base(), "fedsegnet", "demo", "table3")
 
     assert demo["federation"].pop("id") == "demo-fedsegnet"

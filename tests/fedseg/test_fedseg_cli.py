@@ -17,7 +17,7 @@ import pytest
 
 from fedseg.cli import COMMANDS, main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BLOCKED = ("torch", "monai", "nibabel", "scipy")
 
 # Runs fedseg's main with the blocker installed, then prints which project packages got imported.

@@ -39,7 +39,7 @@ from client_agent.transport import AggregatorClient
 from fault_proxy import FaultProxy
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SITE = "site-a"
 
 

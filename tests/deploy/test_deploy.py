@@ -29,7 +29,7 @@ from aggregator_service.config import parse_federation_config
 from aggregator_service.server import Aggregator, RunningServer, serve
 from aggregator_service.store import Store
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts"
 
 

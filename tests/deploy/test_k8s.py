@@ -26,7 +26,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the manifests (pip install pyyaml)")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 DOCKER = REPO / "docker"
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")  # oldest and newest schema the tests pin

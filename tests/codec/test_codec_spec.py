@@ -130,7 +130,7 @@ def test_the_codec_package_imports_neither_torch_nor_protobuf_nor_grpc():
         "print(bad); sys.exit(1 if bad else 0)"
     )
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)
 
     assert result.returncode == 0, result.stdout + result.stderr

@@ -24,7 +24,7 @@ from codec.frame import unpack_frame
 from codec.testdata import generate
 
 VECTORS = generate.VECTORS
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NAMES = sorted(p.stem for p in VECTORS.glob("*.json"))
 VALID = [n for n in NAMES if not n.startswith("invalid-")]
 INVALID = [n for n in NAMES if n.startswith("invalid-")]
