@@ -130,7 +130,12 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "targets": ("centralized", "centralized_sgd", "fedavg_dense", "fedsegnet", "fedsegnet_top2_int4_global",
                 "fedsegnet_tensor", "fedsegnet_adam"),
     "brats": ("centralized", "fedavg_dense", "fedsegnet"),
+    # Trained on domain-randomized sites, scored on the held-out set and on real scans
+    # (experiments/generalization.py; its own base config and scales quick/full).
+    "generalization": ("centralized", "fedavg_dense", "fedsegnet"),
 }
+# Experiments with their own base configuration (instead of the built-in demo.toml) and scales.
+EXPERIMENT_CONFIGS: dict[str, str] = {"generalization": "generalization.toml"}
 
 # What an experiment changes in the base configuration for all of its methods (before the methods'
 # own overrides): the BraTS-like task has four modalities; labels 0/1/2/4 map to 4 classes.
@@ -150,6 +155,17 @@ SCALES: dict[str, Mapping[str, Any]] = {
                                                           "num_heads": 4}},
     },
 }
+
+
+def _experiment_scales() -> dict[str, Mapping[str, Any]]:
+    from experiments.generalization import SCALES as GENERALIZATION_SCALES
+
+    return dict(GENERALIZATION_SCALES)
+
+
+SCALES.update(_experiment_scales())
+# Which scales each experiment takes; those not listed take demo and paper.
+EXPERIMENT_SCALES: dict[str, tuple[str, ...]] = {"generalization": ("quick", "full")}
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -177,7 +193,8 @@ def method_config(base: Mapping[str, Any], method: str, scale: str, experiment: 
 
 def results_tag(name: str, scale: str, base_config: str | Path | None) -> str:
     """``results/<tag>``: other scales and base configurations are other experiments, kept apart."""
-    tag = name if scale == "demo" else f"{name}-{scale}"
+    default_scale = EXPERIMENT_SCALES.get(name, ("demo",))[0]
+    tag = name if scale == default_scale else f"{name}-{scale}"
     return tag if base_config is None else f"{tag}-{Path(base_config).stem}"
 
 
@@ -202,8 +219,11 @@ def run_experiment(
     """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
-    if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
+    allowed_scales = EXPERIMENT_SCALES.get(name, ("demo", "paper"))
+    if scale == "demo" and name in EXPERIMENT_SCALES:
+        scale = allowed_scales[0]
+    if scale not in allowed_scales:
+        raise ValueError(f"experiment {name!r} has no scale {scale!r}; its scales: {', '.join(allowed_scales)}")
     selected = tuple(EXPERIMENTS[name] if methods is None else methods)
     unknown = [m for m in selected if m not in EXPERIMENTS[name]]
     if unknown:
@@ -211,7 +231,7 @@ def run_experiment(
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
     text = (Path(base_config).read_text() if base_config
-            else resources.files("experiments.configs").joinpath(DEFAULT_CONFIG).read_text())
+            else resources.files("experiments.configs").joinpath(EXPERIMENT_CONFIGS.get(name, DEFAULT_CONFIG)).read_text())
     base = tomllib.loads(text)
     tag = results_tag(name, scale, base_config)
     out = results_dir / tag
@@ -250,6 +270,12 @@ def run_experiment(
 
     plots = plot_runs({METHODS[m].label: rows_of(r) for m, r in runs.items()}, out)
     stream.write("\n" + table + "\n" + "plots: " + ", ".join(str(p) for p in plots) + "\n")
+    if name == "generalization":
+        from experiments.generalization import finish_generalization
+
+        full = finish_generalization(out, runs, {"experiment": name, "scale": scale, "methods": summary},
+                                     work_dir=work_dir, stream=stream)
+        return dict(full["methods"])
     return summary
 
 
