@@ -12,6 +12,7 @@ against a classical 3-class intensity reference), with a PNG per model and scan,
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
@@ -29,6 +30,14 @@ SCALES: dict[str, Mapping[str, Any]] = {
         "model": {"img_size": [64, 64, 64]},
     },
 }
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the working directory when below it (what a user types from there)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def finish_generalization(out: Path, runs: Mapping[str, Mapping[str, Any]], summary: dict[str, Any], *,
@@ -50,13 +59,24 @@ def finish_generalization(out: Path, runs: Mapping[str, Mapping[str, Any]], summ
         sim_toml = model_path.parent.parent / "sim.toml"
         federation_toml = model_path.parent.parent / "federation.toml"
         sim, federation, _ = load_simulation_config(sim_toml)
-        models[names.get(method, method)] = str(model_path)
-        config_path = str(federation_toml)
+        models[names.get(method, method)] = _relative(model_path)
+        config_path = _relative(federation_toml)
         if not scans:
             continue
-        net = realscan.load_federation_model(model_path, federation)
-        real[method] = realscan.evaluate_on_real_scans(net, spacing_mm=sim.spacing_mm, size=federation.model.img_size,
-                                                       figure_dir=out, tag=names.get(method, method), scans=scans)
+        tag = names.get(method, method)
+        scored = record.get("real_scans") or {}
+        if all(s.name in scored for s in scans):
+            # fedseg simulate scored its final model already; its figures are in the run's folder.
+            real[method] = {s.name: scored[s.name] for s in scans}
+            for s in scans:
+                figure = model_path.parent.parent / "real-scans" / f"final-{s.name}.png"
+                if figure.is_file():
+                    shutil.copyfile(figure, out / f"{tag}-{s.name}.png")
+        else:
+            net = realscan.load_federation_model(model_path, federation)
+            real[method] = realscan.evaluate_on_real_scans(net, spacing_mm=sim.spacing_mm,
+                                                           size=federation.model.img_size, figure_dir=out, tag=tag,
+                                                           scans=scans)
         stream.write(f"{method}: {realscan.summary_line(real[method])}\n")
         summary["methods"][method]["real_scans"] = real[method]
         summary["methods"][method]["spacing_mm"] = sim.spacing_mm

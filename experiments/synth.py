@@ -405,6 +405,7 @@ def generate_synth_federation(
         "spacing_mm": float(spacing_mm), "cases_per_site": list(counts), "test_cases": test_cases,
         "ranges": [asdict(r) for _, r in archetypes], "heldout_ranges": asdict(HELDOUT_RANGES),
     }
+    params = json.loads(json.dumps(params))  # as the manifest reads back (tuples become lists)
     data = FederationData(site_dirs=tuple(out_dir / n for n in names), test_dir=out_dir / "test", size=size,
                           spacing_mm=float(spacing_mm), num_classes=len(TISSUE_LABELS), in_channels=1)
     if sitedata._manifest_matches(out_dir, params):
