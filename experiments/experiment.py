@@ -140,7 +140,9 @@ EXPERIMENT_CONFIGS: dict[str, str] = {"generalization": "generalization.toml"}
 # What an experiment changes in the base configuration for all of its methods (before the methods'
 # own overrides): the BraTS-like task has four modalities; labels 0/1/2/4 map to 4 classes.
 EXPERIMENT_OVERRIDES: dict[str, Mapping[str, Any]] = {
-    "brats": {"simulation": {"task": "brats"}, "model": {"in_channels": 4, "out_channels": 4}},
+    # The lesion task has no randomized generator: scanner-profile sites at 2 mm, as it was measured.
+    "brats": {"simulation": {"task": "brats", "generator": "profile", "spacing_mm": 2.0},
+              "model": {"in_channels": 4, "out_channels": 4}},
 }
 REGIONS = ("ET", "TC", "WT")
 
