@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "ConvNormAct",
     "ConvBlock",
     "DownBlock",
     "UpBlock",
@@ -31,6 +32,24 @@ _NEGATIVE_SLOPE = 0.01
 def _norm(channels: int) -> nn.Module:
     # affine=True gives learnable scale/shift; track_running_stats stays False so no buffers exist.
     return nn.InstanceNorm3d(channels, affine=True)
+
+
+class ConvNormAct(nn.Module):
+    """One ``conv3x3x3 → norm → LeakyReLU``: ``(B, in_channels, D, H, W) -> (B, out_channels, D, H, W)``.
+
+    The lean design's block at full resolution, where every multiply-add is paid once per voxel of
+    the whole volume: one thin convolution there costs as much as a residual block eight times
+    wider one level down.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.norm = _norm(out_channels)
+        self.act = nn.LeakyReLU(_NEGATIVE_SLOPE, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
 
 
 class ConvBlock(nn.Module):
@@ -80,15 +99,16 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """Upsample, concatenate the skip, fuse with a :class:`ConvBlock`.
+    """Upsample, concatenate the skip, fuse with a :class:`ConvBlock` (or, ``single=True``, one
+    :class:`ConvNormAct`).
 
     ``x: (B, Ci, D, H, W)``, ``skip: (B, Co, 2D, 2H, 2W)`` -> ``(B, Co, 2D, 2H, 2W)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, single: bool = False) -> None:
         super().__init__()
         self.up = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.fuse = ConvBlock(2 * out_channels, out_channels)
+        self.fuse: nn.Module = (ConvNormAct if single else ConvBlock)(2 * out_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.fuse(torch.cat([self.up(x), skip], dim=1))

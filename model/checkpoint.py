@@ -142,6 +142,15 @@ def save_checkpoint(
     _atomic_write(Path(path), lambda f: torch.save(payload, f))
 
 
+def _with_design_of_old_checkpoint(architecture: str, config: dict[str, Any], state: Mapping[str, Any]) -> dict[str, Any]:
+    # Checkpoints written before TransformerUNet3D's lean default name no design: their weights
+    # have the classic layout (a residual ConvBlock as stem, hence "stem.conv1.weight"; the lean
+    # stem is "stem.conv.weight"). Rebuild that network rather than fail on the key mismatch.
+    if architecture in ("transformer_unet", "cnn_unet") and "design" not in config and "stem.conv1.weight" in state:
+        return {**config, "design": "classic"}
+    return config
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -149,7 +158,8 @@ def load_checkpoint(
 
     Returns:
         ``(model, meta)``: the network built with :func:`model.build_model` from the stored
-        architecture and config, with the stored weights, in the mode ``build_model`` gives
+        architecture and config (a Transformer U-Net checkpoint from before the lean default,
+        which names no ``design``, gets ``design="classic"`` added), with the stored weights, in the mode ``build_model`` gives
         (train); and ``meta = {"architecture", "config", "extra", "version"}``.
 
     Raises:
@@ -162,6 +172,7 @@ def load_checkpoint(
     if version != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {version!r} is not supported (this code reads {CHECKPOINT_VERSION})")
     meta = json.loads(payload["meta"])
+    meta["config"] = _with_design_of_old_checkpoint(meta["architecture"], meta["config"], payload["state_dict"])
     net = build_model(meta["architecture"], **meta["config"])
     net.load_state_dict(payload["state_dict"], strict=True)
     net.to(map_location)

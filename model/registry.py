@@ -34,7 +34,7 @@ DEFAULT_ARCHITECTURE = "transformer_unet"
 _RESERVED = frozenset({"self", "in_channels", "out_channels", "img_size", "spatial_dims"})
 # cnn_unet is TransformerUNet3D without its transformer: options that only shape the transformer
 # make no sense there and are refused rather than silently ignored.
-_CNN_OPTIONS = ("channels",)
+_CNN_OPTIONS = ("channels", "design")
 
 
 def _transformer_unet_options() -> tuple[str, ...]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from model import ARCHITECTURES, TransformerUNet3D, allowed_options, build_model
-from model.blocks import sinusoidal_position_encoding_3d
+from model.blocks import ConvBlock, ConvNormAct, sinusoidal_position_encoding_3d
 
 TINY: dict[str, Any] = dict(channels=(8, 16, 32), num_transformer_layers=1, num_heads=2)
 
@@ -66,7 +66,9 @@ def test_wrong_channel_count_is_refused() -> None:
         tiny()(torch.zeros(1, 2, 16, 16, 16))
 
 
-@pytest.mark.parametrize("config", [TINY, {}, dict(TINY, num_transformer_layers=0)], ids=["tiny", "default", "cnn"])
+@pytest.mark.parametrize(
+    "config", [TINY, {}, dict(TINY, num_transformer_layers=0), dict(design="classic")], ids=["tiny", "default", "cnn", "classic"]
+)
 def test_state_dict_holds_only_floating_tensors(config: dict) -> None:
     net = TransformerUNet3D(in_channels=1, out_channels=4, **config)
 
@@ -93,8 +95,46 @@ def test_transformer_adds_exactly_its_blocks_parameters() -> None:
 
 def test_parameter_counts_of_documented_configs() -> None:
     # Pinned so that a silent architecture change shows up (and the report's numbers stay true).
-    assert n_params(TransformerUNet3D(in_channels=1, out_channels=4)) == 2_390_196
-    assert n_params(tiny()) == 133_340
+    assert n_params(TransformerUNet3D(in_channels=1, out_channels=4)) == 2_404_820
+    assert n_params(tiny()) == 129_684
+    # the network before the lean default, still built by design="classic"
+    assert n_params(TransformerUNet3D(in_channels=1, out_channels=4, design="classic")) == 2_390_196
+    assert n_params(tiny(design="classic")) == 133_340
+
+
+def test_lean_default_layout() -> None:
+    net = TransformerUNet3D(in_channels=4, out_channels=4)
+
+    assert net.design == "lean"
+    assert net.channels == (8, 16, 32, 64, 128)
+    assert net.size_divisor == 16
+    # one thin convolution on each side of full resolution, residual blocks below
+    assert isinstance(net.stem, ConvNormAct)
+    assert isinstance(net.up[-1].fuse, ConvNormAct)
+    assert all(isinstance(up.fuse, ConvBlock) for up in net.up[:-1])
+    assert isinstance(TransformerUNet3D(in_channels=4, out_channels=4, design="classic").stem, ConvBlock)
+
+
+def test_lean_default_training_step_fits_the_flop_budget() -> None:
+    # 128³, 4 channels, 4 classes, batch 2: forward + backward <= 500 GFLOP (counted on the meta
+    # device, no memory or compute); the classic design costs 1,667.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def gflop(**options: object) -> float:
+        net = TransformerUNet3D(in_channels=4, out_channels=4, **options).to("meta")
+        with FlopCounterMode(display=False) as counter:
+            net(torch.empty(2, 4, 128, 128, 128, device="meta")).sum().backward()
+        return counter.get_total_flops() / 1e9
+
+    lean = gflop()
+    assert 300 < lean <= 500
+    assert gflop(design="classic") > 3 * lean
+
+
+def test_lean_and_classic_give_the_same_interface() -> None:
+    x = torch.randn(2, 1, 32, 16, 32)
+    for design in ("lean", "classic"):
+        assert tiny(design=design)(x).shape == (2, 4, 32, 16, 32)
 
 
 def test_gradients_reach_every_parameter() -> None:
@@ -117,6 +157,7 @@ def test_gradients_reach_every_parameter() -> None:
         (dict(num_heads=3), r"num_heads \(3\) must divide the bottleneck width channels\[-1\] \(32\)"),
         (dict(mlp_ratio=0), "mlp_ratio must be a number > 0, got 0"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+        (dict(design="fat"), r"design must be one of \['lean', 'classic'\], got 'fat'"),
     ],
 )
 def test_invalid_config_is_refused_with_an_actionable_message(overrides: dict, message: str) -> None:
@@ -236,7 +277,7 @@ def test_bad_options_are_refused_naming_them(architecture: str, options: dict, m
 @pytest.mark.parametrize(
     ("architecture", "img_size", "message"),
     [
-        ("transformer_unet", (32, 30, 32), r"img_size \(32, 30, 32\) must be divisible by 8.*\(32, 32, 32\)"),
+        ("transformer_unet", (32, 30, 32), r"img_size \(32, 30, 32\) must be divisible by 16.*\(32, 32, 32\)"),
         ("unetr", (32, 32, 40), r"must be divisible by 16"),
         ("swin_unetr", (32, 32, 32), r"single voxel at the deepest level.*>= 64"),
         ("transformer_unet", (32, 32), r"img_size must be three positive ints"),
@@ -249,8 +290,8 @@ def test_bad_img_size_is_refused(architecture: str, img_size: tuple[int, ...], m
 
 def test_allowed_options_name_what_build_model_accepts() -> None:
     assert allowed_options("transformer_unet") == (
-        "channels", "num_transformer_layers", "num_heads", "mlp_ratio", "dropout"
+        "channels", "num_transformer_layers", "num_heads", "mlp_ratio", "dropout", "design"
     )
-    assert allowed_options("cnn_unet") == ("channels",)
+    assert allowed_options("cnn_unet") == ("channels", "design")
     assert "feature_size" in allowed_options("swin_unetr")
     assert "img_size" not in allowed_options("unetr")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,28 @@ def test_config_that_does_not_rebuild_these_weights_is_refused_at_save(
     with pytest.raises(ValueError, match=message):
         save_checkpoint(tmp_path / "m.pt", net, architecture=architecture, config=config)
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_checkpoint_from_before_the_lean_default_loads_as_classic(tmp_path: Path) -> None:
+    # A checkpoint written before the "design" option existed: classic weights, config without it.
+    torch.manual_seed(0)
+    classic = build_model("transformer_unet", **CONFIG, design="classic").eval()
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, classic, architecture="transformer_unet", config=dict(CONFIG, design="classic"))
+    payload = torch.load(path, weights_only=True)
+    payload["meta"] = json.dumps({"architecture": "transformer_unet", "config": CONFIG, "extra": {}})
+    torch.save(payload, path)
+    x = torch.randn(1, 1, 16, 16, 16)
+
+    loaded, meta = load_checkpoint(path)
+
+    assert meta["config"] == dict(CONFIG, design="classic")
+    assert torch.equal(loaded.eval()(x), classic(x))
+
+
+def test_lean_weights_under_a_classic_config_are_refused(net: nn.Module, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not match architecture 'transformer_unet'"):
+        save_checkpoint(tmp_path / "x.pt", net, architecture="transformer_unet", config=dict(CONFIG, design="classic"))
 
 
 def test_a_foreign_file_is_refused(tmp_path: Path) -> None:
