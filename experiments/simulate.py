@@ -107,6 +107,10 @@ def load_simulation_config(path: str | Path | None = None) -> tuple[SimulationSe
     sim = SimulationSettings(**sim_data)
     if sim.pool_sites:
         data.setdefault("federation", {}).update(sites=["pooled"], min_clients=1, max_clients=1)
+    if sim.generator == "synth":
+        # Randomized cases are written at exactly spacing_mm on the img_size grid: the model file's
+        # configuration records that spacing, so `fedseg segment` resamples scans to it.
+        data.setdefault("model", {}).setdefault("spacing_mm", float(sim.spacing_mm))
     federation = parse_federation_config(data, source=source)
     if not federation.sites:
         federation = dataclasses.replace(federation, sites=tuple(f"site-{i + 1}" for i in range(sim.sites)))
