@@ -228,3 +228,29 @@ def summary_line(scores: Mapping[str, Mapping[str, float]]) -> str:
     """``colin27: brain 0.951, GM 0.712, WM 0.845, CSF 0.402`` for each scan."""
     return "; ".join(f"{name}: brain {s['brain']:.3f}, GM {s['GM']:.3f}, WM {s['WM']:.3f}, CSF {s['CSF']:.3f}"
                      for name, s in scores.items())
+
+
+def calibrate_on_template() -> dict[str, float]:
+    """The synth generator's template labels (1 mm) scored against this reference on the template T1.
+
+    What a perfect template-trained model could score against the reference: the rest of the
+    disagreement is the reference's (docs/data.md).
+    """
+    import nibabel as nib
+
+    from experiments import sitedata, synth
+
+    templates = synth.load_synth_templates(1.0)
+    labels = np.where(templates.probs.sum(axis=0) >= 0.5, np.argmax(templates.probs, axis=0) + 1, 0).astype(np.uint8)
+    t1 = np.asarray(nib.load(str(sitedata._template_path("t1"))).dataobj, dtype=np.float32)
+    return score_segmentation(labels, reference_segmentation(t1, name="MNI152 T1"))
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="real-scan reference checks")
+    parser.add_argument("--calibrate", action="store_true", help="template labels vs the reference on the template")
+    if parser.parse_args().calibrate:
+        print(json.dumps(calibrate_on_template(), indent=1))
