@@ -106,7 +106,7 @@ def reference_segmentation(image: np.ndarray, *, name: str = "scan", seed: int =
     values = image[brain].reshape(-1, 1).astype(np.float64)
     means = np.percentile(values, [10, 50, 90]).reshape(3, 1)
     gmm = GaussianMixture(3, covariance_type="full", means_init=means, random_state=seed, max_iter=200)
-    # Fitted on a fixed random subset (200k voxels: the same means to ~0.1%), applied to all.
+    # Fitted on a fixed random subset of 200k voxels (the class means to sampling error), applied to all.
     subset = np.random.default_rng(seed).choice(values.shape[0], size=min(values.shape[0], 200_000), replace=False)
     classes = gmm.fit(values[np.sort(subset)]).predict(values)
     rank = np.argsort(np.argsort(gmm.means_[:, 0]))  # 0 darkest ... 2 brightest
