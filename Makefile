@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# buf lints the protos (tests/test_k8s.py); it comes from npm, so only where npm is.
 	if command -v npm >/dev/null; then npm install --silent --prefix .tools @bufbuild/buf@1.75.0; fi
+	# A real scan of a person no site derives from (docs/data.md): Debian's mricron-data, where apt works.
+	if [ ! -f /usr/share/mricron/templates/ch2bet.nii.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q mricron-data >/dev/null || echo "mricron-data not installed: real-scan scores will be skipped"; fi
 	touch $(STAMP)
 
 demo: setup
