@@ -396,8 +396,10 @@ def render_table(name: str, runs: Mapping[str, Mapping[str, Any]]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(EXPERIMENTS))
     parser.add_argument("--scale", choices=sorted(SCALES), default="demo",
-                        help="demo: the built-in demo's size (CPU minutes); paper: 5 sites, 50 rounds (GPU hours)")
-    parser.add_argument("--config", help="base simulation TOML (default: the built-in demo)")
+                        help="demo: the built-in demo's size (CPU minutes); paper: 5 sites, 50 rounds (GPU hours); "
+                             "generalization takes quick (its default) or full (64^3 at 3 mm)")
+    parser.add_argument("--config", help="base simulation TOML (default: the built-in demo; generalization.toml "
+                                         "for generalization)")
     parser.add_argument("--results", default="results", help="where results/NAME/ goes")
     parser.add_argument("--workdir", default="runs/experiments", help="where the runs' data, stores and logs go")
     parser.add_argument("--force", action="store_true", help="rerun methods that already have results")
