@@ -19,9 +19,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	# buf lints the protos (tests/test_k8s.py); fzstd is the zstd of the Node.js conformance decoder
-	# (tests/test_conformance.py). Both come from npm, so only where npm is.
+	# buf lints the protos (tests/deploy/test_k8s.py); fzstd is the zstd of the Node.js conformance decoder
+	# (tests/codec/test_conformance.py). Both come from npm, so only where npm is.
 	if command -v npm >/dev/null; then npm install --silent --prefix .tools @bufbuild/buf@1.75.0 fzstd@0.1.1; fi
+	# A real scan of a person no site derives from (docs/data.md): Debian's mricron-data, where apt works.
+	if [ ! -f /usr/share/mricron/templates/ch2bet.nii.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		{ apt-get install -y -q mricron-data >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -q mricron-data >/dev/null; }; } \
+		|| echo "mricron-data not installed: real-scan scores will be skipped"; fi
 	touch $(STAMP)
 
 demo: setup

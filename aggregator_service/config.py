@@ -86,8 +86,13 @@ class ModelConfig:
     out_channels: int = 4
     img_size: tuple[int, int, int] = (48, 48, 48)
     options: Mapping[str, Any] = field(default_factory=dict)
+    # The voxel spacing (mm, isotropic) the model sees its scans at; recorded so that inference
+    # (`fedseg segment`) resamples any scan to it. 0: unknown (whole scans resized to img_size).
+    spacing_mm: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.spacing_mm, (int, float)) and 0.0 <= float(self.spacing_mm) < 100.0):
+            raise ConfigError(f"model.spacing_mm must be a number of mm in [0, 100) (0: unknown), got {self.spacing_mm!r}")
         if not self.architecture:
             raise ConfigError("model.architecture must name a registered network, got an empty string")
         if self.in_channels < 1:

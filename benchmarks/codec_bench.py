@@ -187,12 +187,11 @@ def real_delta(workdir: Path, *, seed: int = 0) -> dict[str, np.ndarray]:
     from client_agent.data import build_datasets, make_loader
     from client_agent.training import LoopSettings, train_local
     from experiments.simulate import load_simulation_config
-    from experiments.sitedata import generate_federation
+    from experiments.simulate import generate_site_data
     from model import DiceCELoss, build_model
 
     sim, federation, _ = load_simulation_config(None)
-    data = generate_federation(workdir / "data", sites=sim.sites, cases_per_site=sim.cases_per_site,
-                               test_cases=sim.test_cases, size=sim.size, spacing_mm=sim.spacing_mm, seed=sim.seed)
+    data = generate_site_data(sim, workdir / "data")
     m = federation.model
     torch.manual_seed(seed)
     net = build_model(m.architecture, in_channels=m.in_channels, out_channels=m.out_channels, img_size=m.img_size,

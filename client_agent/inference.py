@@ -68,7 +68,7 @@ __all__ = [
     "size3",
 ]
 
-SEGMENT_MODES = ("resize", "native")
+SEGMENT_MODES = ("spacing", "resize", "native")
 EVAL_GRIDS = ("native", "model")
 
 
@@ -180,9 +180,12 @@ def load_model(
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
     dev = pick_device(str(device)) if not isinstance(device, torch.device) else device
-    preprocess: dict[str, Any] = {"normalize": "nonzero", "label_map": None, "grid_spacing_mm": None}
+    preprocess: dict[str, Any] = {"normalize": "nonzero", "label_map": None, "grid_spacing_mm": None,
+                                  "spacing_mm": None}
     if _is_frames_file(path):
         net, architecture, config = _load_frames(path, Path(config_path) if config_path is not None else None)
+        spacing_mm = float(_federation_model_config(Path(str(config_path))).spacing_mm)
+        preprocess["spacing_mm"] = spacing_mm if spacing_mm > 0 else None
     else:
         if config_path is not None:
             logger.warning("%s is a checkpoint with its own model config; --config %s is ignored", path, config_path)
@@ -335,12 +338,39 @@ def _write_mask(path: Path, mask: np.ndarray, reference: Any) -> None:
         raise
 
 
+def default_segment_mode(model: LoadedModel) -> str:
+    """``"spacing"`` when the model records the spacing it was trained at, else ``"resize"``."""
+    return "spacing" if model.preprocess.get("spacing_mm") else "resize"
+
+
+def _segment_at_spacing(model: LoadedModel, path: Path, roi: Sequence[int] | None, overlap: float,
+                        amp: bool) -> np.ndarray:
+    """Resample the scan in world space to the model's spacing, predict, map the mask back (client_agent.spacing)."""
+    from client_agent.spacing import from_model_grid, load_scan, to_model_grid, zscore_nonzero
+
+    spacing = model.preprocess.get("spacing_mm")
+    if not spacing:
+        raise ValueError(f"{model.source} records no voxel spacing ([model] spacing_mm); use --mode resize")
+    if model.in_channels != 1:
+        raise ValueError(f"mode 'spacing' takes one-channel models; {model.source} has {model.in_channels}: "
+                         "use --mode resize")
+    image, affine = load_scan(path)
+    grid_image, grid = to_model_grid(image, affine, spacing_mm=float(spacing), size=model.img_size)
+    if str(model.preprocess.get("normalize", "nonzero")) == "nonzero":
+        normalized = zscore_nonzero(grid_image)
+    else:
+        normalized = ((grid_image - grid_image.mean()) / max(float(grid_image.std()), 1e-6)).astype(np.float32)
+    window = size3("roi", list(roi)) if roi is not None else model.img_size
+    probs = _probabilities(model, normalized[None], window, overlap, amp).numpy()
+    return from_model_grid(probs, grid, shape=image.shape, affine=affine)
+
+
 def segment_file(
     model: LoadedModel,
     inputs: Path | str | Sequence[Path | str],
     output: Path | str,
     *,
-    mode: Literal["resize", "native"] = "resize",
+    mode: Literal["spacing", "resize", "native"] | None = None,
     roi: Sequence[int] | None = None,
     overlap: float = 0.25,
     amp: bool = False,
@@ -364,10 +394,21 @@ def segment_file(
     files = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
     output = Path(output)
     _check_nifti_name(output)
+    mode = mode or default_segment_mode(model)  # type: ignore[assignment]
+    if mode == "spacing":
+        if len(files) != 1:
+            raise ValueError(f"mode 'spacing' takes one input file, got {len(files)}")
+        reference_img: Any = nib.load(str(files[0]))
+        mask = _segment_at_spacing(model, files[0], roi, overlap, amp)
+        _write_mask(output, mask, reference_img)
+        counts = np.bincount(mask.ravel(), minlength=model.num_classes)
+        return SegmentResult(output=output, shape=(int(mask.shape[0]), int(mask.shape[1]), int(mask.shape[2])),
+                             class_voxels={int(c): int(n) for c, n in enumerate(counts)},
+                             seconds=time.perf_counter() - start)
     image, _, spacing = load_image(files, canonical=True)
     _check_channels(model, image, ", ".join(str(f) for f in files))
     reference: Any = nib.load(str(files[0]))  # already read by load_image; nibabel's types are loose
-    labels = predict_labels(model, image, spacing, mode=mode, roi=roi, overlap=overlap, amp=amp)
+    labels = predict_labels(model, image, spacing, mode=mode, roi=roi, overlap=overlap, amp=amp)  # type: ignore[arg-type]
     mask = from_canonical(labels, np.asarray(reference.affine, dtype=np.float64))
     if mask.shape != tuple(reference.shape[:3]):  # an orientation bug must never write a misplaced mask
         raise RuntimeError(f"internal error: mask shape {mask.shape} differs from the input grid {reference.shape[:3]}")

@@ -127,12 +127,19 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "targets": ("centralized", "centralized_sgd", "fedavg_dense", "fedsegnet", "fedsegnet_top2_int4_global",
                 "fedsegnet_tensor", "fedsegnet_adam"),
     "brats": ("centralized", "fedavg_dense", "fedsegnet"),
+    # Trained on domain-randomized sites, scored on the held-out set and on real scans
+    # (experiments/generalization.py; its own base config and scales quick/full).
+    "generalization": ("centralized", "fedavg_dense", "fedsegnet"),
 }
+# Experiments with their own base configuration (instead of the built-in demo.toml) and scales.
+EXPERIMENT_CONFIGS: dict[str, str] = {"generalization": "generalization.toml"}
 
 # What an experiment changes in the base configuration for all of its methods (before the methods'
 # own overrides): the BraTS-like task has four modalities; labels 0/1/2/4 map to 4 classes.
 EXPERIMENT_OVERRIDES: dict[str, Mapping[str, Any]] = {
-    "brats": {"simulation": {"task": "brats"}, "model": {"in_channels": 4, "out_channels": 4}},
+    # The lesion task has no randomized generator: scanner-profile sites at 2 mm, as it was measured.
+    "brats": {"simulation": {"task": "brats", "generator": "profile", "spacing_mm": 2.0},
+              "model": {"in_channels": 4, "out_channels": 4}},
 }
 REGIONS = ("ET", "TC", "WT")
 
@@ -147,6 +154,17 @@ SCALES: dict[str, Mapping[str, Any]] = {
                                                           "num_heads": 4}},
     },
 }
+
+
+def _experiment_scales() -> dict[str, Mapping[str, Any]]:
+    from experiments.generalization import SCALES as GENERALIZATION_SCALES
+
+    return dict(GENERALIZATION_SCALES)
+
+
+SCALES.update(_experiment_scales())
+# Which scales each experiment takes; those not listed take demo and paper.
+EXPERIMENT_SCALES: dict[str, tuple[str, ...]] = {"generalization": ("quick", "full")}
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,7 +192,8 @@ def method_config(base: Mapping[str, Any], method: str, scale: str, experiment: 
 
 def results_tag(name: str, scale: str, base_config: str | Path | None) -> str:
     """``results/<tag>``: other scales and base configurations are other experiments, kept apart."""
-    tag = name if scale == "demo" else f"{name}-{scale}"
+    default_scale = EXPERIMENT_SCALES.get(name, ("demo",))[0]
+    tag = name if scale == default_scale else f"{name}-{scale}"
     return tag if base_config is None else f"{tag}-{Path(base_config).stem}"
 
 
@@ -199,8 +218,11 @@ def run_experiment(
     """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
-    if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
+    allowed_scales = EXPERIMENT_SCALES.get(name, ("demo", "paper"))
+    if scale == "demo" and name in EXPERIMENT_SCALES:
+        scale = allowed_scales[0]
+    if scale not in allowed_scales:
+        raise ValueError(f"experiment {name!r} has no scale {scale!r}; its scales: {', '.join(allowed_scales)}")
     selected = tuple(EXPERIMENTS[name] if methods is None else methods)
     unknown = [m for m in selected if m not in EXPERIMENTS[name]]
     if unknown:
@@ -208,8 +230,8 @@ def run_experiment(
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
     text = (Path(base_config).read_text() if base_config
-            else resources.files("experiments.configs").joinpath(DEFAULT_CONFIG).read_text())
-    base = read_config_tables(text=text, source=str(base_config or DEFAULT_CONFIG))
+            else resources.files("experiments.configs").joinpath(EXPERIMENT_CONFIGS.get(name, DEFAULT_CONFIG)).read_text())
+    base = read_config_tables(text=text, source=str(base_config or EXPERIMENT_CONFIGS.get(name, DEFAULT_CONFIG)))
     tag = results_tag(name, scale, base_config)
     out = results_dir / tag
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -247,6 +269,12 @@ def run_experiment(
 
     plots = plot_runs({METHODS[m].label: rows_of(r) for m, r in runs.items()}, out)
     stream.write("\n" + table + "\n" + "plots: " + ", ".join(str(p) for p in plots) + "\n")
+    if name == "generalization":
+        from experiments.generalization import finish_generalization
+
+        full = finish_generalization(out, runs, {"experiment": name, "scale": scale, "methods": summary},
+                                     work_dir=work_dir, stream=stream)
+        return dict(full["methods"])
     return summary
 
 
@@ -364,8 +392,10 @@ def render_table(name: str, runs: Mapping[str, Mapping[str, Any]]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(EXPERIMENTS))
     parser.add_argument("--scale", choices=sorted(SCALES), default="demo",
-                        help="demo: the built-in demo's size (CPU minutes); paper: 5 sites, 50 rounds (GPU hours)")
-    parser.add_argument("--config", help="base simulation TOML (default: the built-in demo)")
+                        help="demo: the built-in demo's size (CPU minutes); paper: 5 sites, 50 rounds (GPU hours); "
+                             "generalization takes quick (its default) or full (64^3 at 3 mm)")
+    parser.add_argument("--config", help="base simulation TOML (default: the built-in demo; generalization.toml "
+                                         "for generalization)")
     parser.add_argument("--results", default="results", help="where results/NAME/ goes")
     parser.add_argument("--workdir", default="runs/experiments", help="where the runs' data, stores and logs go")
     parser.add_argument("--force", action="store_true", help="rerun methods that already have results")

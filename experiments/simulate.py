@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "demo.toml"
 
 FAULTS = ("label_noise", "scaled_update")
+GENERATORS = ("profile", "synth")
 # How each generated task's labels become the model's classes, at the sites and at the held-out
 # evaluation alike: BraTS stores 0/1/2/4, the model predicts 0-3 (client_agent.data.LABEL_PRESETS).
 TASK_LABEL_MAPS: dict[str, str | None] = {"tissue": None, "brats": "brats_regions"}
@@ -49,6 +50,9 @@ class SimulationSettings:
     spacing_mm: float = 2.0
     task: str = "tissue"
     seed: int = 0
+    # "profile": deformed copies of MNI152 under fixed scanner profiles (sitedata.py);
+    # "synth": SynthSeg-style domain randomization from its tissue maps (synth.py; tissue task only).
+    generator: str = "profile"
     threads_per_site: int = 0  # 0: share the machine's cores among the sites
     # Centralized baseline: one site holding every site's cases (same code path, one agent).
     pool_sites: bool = False
@@ -73,6 +77,10 @@ class SimulationSettings:
             raise ValueError(f"simulation.update_scale must be a finite non-zero number, got {self.update_scale}")
         if self.task not in TASK_LABEL_MAPS:
             raise ValueError(f"simulation.task must be one of {sorted(TASK_LABEL_MAPS)}, got {self.task!r}")
+        if self.generator not in GENERATORS:
+            raise ValueError(f"simulation.generator must be one of {list(GENERATORS)}, got {self.generator!r}")
+        if self.generator == "synth" and self.task != "tissue":
+            raise ValueError(f"simulation.generator = \"synth\" makes tissue cases only, not task {self.task!r}")
         object.__setattr__(self, "cases_per_site", tuple(int(n) for n in self.cases_per_site))
 
 
@@ -95,6 +103,10 @@ def load_simulation_config(path: str | Path | None = None) -> tuple[SimulationSe
     sim = SimulationSettings(**sim_data)
     if sim.pool_sites:
         data.setdefault("federation", {}).update(sites=["pooled"], min_clients=1, max_clients=1)
+    if sim.generator == "synth":
+        # Randomized cases are written at exactly spacing_mm on the img_size grid: the model file's
+        # configuration records that spacing, so `fedseg segment` resamples scans to it.
+        data.setdefault("model", {}).setdefault("spacing_mm", float(sim.spacing_mm))
     federation = parse_federation_config(data, source=source, extensions=("simulation",))
     if not federation.sites:
         federation = dataclasses.replace(federation, sites=tuple(f"site-{i + 1}" for i in range(sim.sites)))
@@ -133,6 +145,20 @@ def dump_toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
     for name, body in sections.items():
         table(name, body)
     return "\n".join(lines)
+
+
+def generate_site_data(sim: SimulationSettings, out: Path) -> Any:
+    """The sites' and the held-out folders, made by ``sim.generator`` (reused when already there)."""
+    if sim.generator == "synth":
+        from experiments.synth import generate_synth_federation
+
+        return generate_synth_federation(out, sites=sim.sites, cases_per_site=sim.cases_per_site,
+                                         test_cases=sim.test_cases, size=sim.size, spacing_mm=sim.spacing_mm,
+                                         seed=sim.seed)
+    from experiments.sitedata import generate_federation
+
+    return generate_federation(out, sites=sim.sites, cases_per_site=sim.cases_per_site, test_cases=sim.test_cases,
+                               size=sim.size, spacing_mm=sim.spacing_mm, seed=sim.seed, task=sim.task)
 
 
 def prepare_site_dirs(data: Any, sim: SimulationSettings, out: Path) -> tuple[Path, ...]:
@@ -219,12 +245,15 @@ class SimulationResult:
     seconds: float = 0.0
     final_model: Path | None = None
     finished: bool = True  # False: stopped early (stop_after_s); the workdir can resume it
+    # The final model on each installed real scan (experiments/realscan.py): brain, CSF, GM, WM Dice.
+    real_scans: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "seconds": self.seconds,
             "finished": self.finished,
             "final_model": str(self.final_model) if self.final_model else None,
+            "real_scans": self.real_scans,
             "rounds": [dataclasses.asdict(r) for r in self.rows],
         }
 
@@ -360,13 +389,10 @@ def _prepare_workdir(workdir: Path, federation_toml: str, *, fresh: bool) -> Non
 
 def _prepare_data(run: _Run) -> tuple[Any, tuple[Path, ...], Path]:
     """The sites' data (generated, then prepared for the scenario) and the initial model."""
-    from experiments.sitedata import describe, generate_federation
+    from experiments.sitedata import describe
 
     sim = run.sim
-    data = generate_federation(
-        run.workdir / "data", sites=sim.sites, cases_per_site=sim.cases_per_site, test_cases=sim.test_cases,
-        size=sim.size, spacing_mm=sim.spacing_mm, seed=sim.seed, task=sim.task,
-    )
+    data = generate_site_data(sim, run.workdir / "data")
     run.stream.write(describe(data) + "\n")
     site_dirs = prepare_site_dirs(data, sim, run.workdir / "data-prepared")
     initial = write_initial_model(run.federation, run.workdir / "models" / "initial.frames")
@@ -507,9 +533,31 @@ def run_simulation(
             run.procs.check(run.agents)
     finally:
         run.procs.stop_all()
-    run.result.seconds = time.monotonic() - started
-    (workdir / "summary.json").write_text(json.dumps(run.result.to_json(), indent=1))
-    return run.result
+    result = run.result
+    if result.finished and result.final_model is not None and sim.task == "tissue" and result.rows:
+        result.real_scans = score_real_scans(federation, sim.spacing_mm, result.final_model, workdir / "real-scans",
+                                             held_out_dice=result.rows[-1].global_metrics["dice"], stream=stream)
+    result.seconds = time.monotonic() - started
+    (workdir / "summary.json").write_text(json.dumps(result.to_json(), indent=1))
+    return result
+
+
+def score_real_scans(config: FederationConfig, spacing_mm: float, model_path: Path, figure_dir: Path, *,
+                     held_out_dice: float | None = None, tag: str = "final", stream: TextIO = sys.stdout,
+                     ) -> dict[str, dict[str, float]]:
+    """Score a global model on the installed real scans, print it beside the held-out Dice, draw PNGs."""
+    from experiments import realscan
+
+    if not realscan.available_real_scans():
+        stream.write(f"real scans: {realscan.missing_scan_hint()}\n")
+        return {}
+    net = realscan.load_federation_model(model_path, config)
+    scores = realscan.evaluate_on_real_scans(net, spacing_mm=spacing_mm, size=config.model.img_size,
+                                             figure_dir=figure_dir, tag=tag)
+    held = "" if held_out_dice is None else f"held-out Dice {held_out_dice:.4f} | "
+    stream.write(f"{tag} global model: {held}real scan (Dice at its native grid vs a 3-class intensity "
+                 f"reference) {realscan.summary_line(scores)} | figures in {figure_dir}\n")
+    return scores
 
 
 def _dense_bytes(model_path: Path) -> int:

@@ -859,6 +859,8 @@ def describe(data: FederationData) -> str:
         changed = {k: v for k, v in profile.items() if k in ScannerProfile.__dataclass_fields__
                    and ScannerProfile.from_dict({k: v}) != ScannerProfile()}
         profile_text = ", ".join(f"{k}={v}" for k, v in changed.items()) or "clean"
+        if "archetype" in dataset.get("fedseg", {}):  # experiments/synth.py: randomization ranges
+            profile_text = f"synth: {dataset['fedseg']['archetype']}"
         lines.append(f"  {folder.name:<8} {count:3d} cases | {balance} | {profile_text}")
     return "\n".join(lines)
 
@@ -870,17 +872,30 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", default="6,4,8",
                         help="cases per site: one int for all or a comma list, one per site (default 6,4,8)")
     parser.add_argument("--test-cases", type=int, default=4)
-    parser.add_argument("--size", type=int, default=48, help="voxels per axis (default 48)")
-    parser.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (default 2)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="voxels per axis (default: 64 for synth, 48 for profile)")
+    parser.add_argument("--spacing", type=float, default=None,
+                        help="voxel size in mm (default: 3 for synth, a whole-brain field of view; 2 for profile)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--generator", choices=("synth", "profile"), default="synth",
+                        help="synth: SynthSeg-style randomized tissue cases (experiments/synth.py, tissue task); "
+                             "profile: deformed MNI152 copies under fixed scanner profiles (this module)")
 
 
 def _run(args: argparse.Namespace, stream: TextIO) -> int:
     parts = [int(p) for p in str(args.cases).split(",") if p.strip()]
     cases: Sequence[int] | int = parts[0] if len(parts) == 1 else parts
-    data = generate_federation(args.out, sites=args.sites, cases_per_site=cases,
-                               test_cases=args.test_cases, size=args.size, spacing_mm=args.spacing,
-                               seed=args.seed, task=args.task)
+    if args.generator == "synth":
+        if args.task != "tissue":
+            raise ValueError(f"--generator synth makes tissue cases only; use --generator profile for --task {args.task}")
+        from experiments.synth import generate_synth_federation
+
+        data = generate_synth_federation(args.out, sites=args.sites, cases_per_site=cases, test_cases=args.test_cases,
+                                         size=args.size or 64, spacing_mm=args.spacing or 3.0, seed=args.seed)
+    else:
+        data = generate_federation(args.out, sites=args.sites, cases_per_site=cases,
+                                   test_cases=args.test_cases, size=args.size or 48, spacing_mm=args.spacing or 2.0,
+                                   seed=args.seed, task=args.task)
     stream.write(describe(data) + "\n")
     return 0
 

@@ -15,9 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", type=Path, action="append", required=True, metavar="IMG",
                         help="the scan (.nii/.nii.gz); repeat once per modality, in training order")
     parser.add_argument("--output", type=Path, required=True, metavar="MASK", help="uint8 class map to write (.nii.gz)")
-    parser.add_argument("--mode", choices=SEGMENT_MODES, default="resize",
-                        help="resize: whole scan to the training grid and back (default, as trained); "
-                             "native: windows at the scan's resolution")
+    parser.add_argument("--mode", choices=SEGMENT_MODES, default=None,
+                        help="spacing (default when the model records its spacing: a federation's [model] "
+                             "spacing_mm): resample the scan in world space to that spacing, any orientation, and "
+                             "write the mask back on its grid; resize (default otherwise): whole scan to the "
+                             "training grid and back; native: windows at the scan's resolution")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1) (default 0.25)")
 
 
