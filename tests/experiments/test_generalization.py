@@ -17,7 +17,7 @@ from experiments.simulate import SimulationSettings, dump_toml, load_simulation_
 
 
 def _base() -> dict:  # type: ignore[type-arg]
-    return tomllib.loads((Path(__file__).parents[1] / "experiments/configs/generalization.toml").read_text())
+    return tomllib.loads((Path(__file__).parents[2] / "experiments/configs/generalization.toml").read_text())
 
 
 @pytest.mark.parametrize("method", EXPERIMENTS["generalization"])
