@@ -282,12 +282,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         print(f"training {name} for {args.steps} steps …", file=sys.stderr, flush=True)
         results[name] = train_curve(name, data, steps=args.steps, batch=args.batch, lr=args.lr, device=device,
-                                    amp=args.amp, seed=args.seed)
+                                    amp=args.amp, seed=args.seed, options=args.ours_options if name == OURS else None)
         print(f"  {name}: Dice {results[name]['dice']:.3f} after {results[name]['train_s']:.0f} s", file=sys.stderr)
     summary: dict[str, Any] = {
         "benchmark": "dice_equal_steps",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "size": args.size, "gen_size": args.gen_size, "batch": args.batch, "steps": args.steps, "lr": args.lr,
+        "ours_options": args.ours_options, "size": args.size, "gen_size": args.gen_size, "batch": args.batch, "steps": args.steps, "lr": args.lr,
         "amp": "bf16" if args.amp and device.type == "cuda" else "fp32",
         "train_cases": int(data.train_x.shape[0]), "test_cases": len(data.test),
         "data_s": round(prep_s, 1), "total_s": round(time.monotonic() - started, 1),
@@ -305,6 +305,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ours-options", type=json.loads, default=None, metavar="JSON",
+                        help='build_model options for transformer_unet, e.g. \'{"channels": [8, 16, 48, 96, 192]}\' (tuning)')
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")

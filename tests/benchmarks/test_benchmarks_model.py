@@ -94,7 +94,7 @@ def test_gpu_record_smoke_runs_end_to_end(tmp_path: Path) -> None:
     proc = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_record.sh"), "--smoke", "--workdir", str(tmp_path / "work"),
          "--out", str(out), "--budget-s", "150"],
-        capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=600,
+        capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=1200,
     )
 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
