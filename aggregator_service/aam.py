@@ -82,7 +82,7 @@ Constants (``AAMConfig`` defaults) and why
   cannot be met and ``InfeasibleRoundError`` is raised (so a single-site round needs
   ``max_weight = 1``).
 
-Properties (each pinned by ``tests/test_aam.py``): weights are finite, non-negative and sum to one;
+Properties (each pinned by ``tests/aggregator_service/test_aam.py``): weights are finite, non-negative and sum to one;
 permutation-equivariant *bit for bit* (medians and ``math.fsum`` are order-independent, everything
 else is element-wise), hence deterministic; exactly ``n_k / Σ n`` when all sites have the same Dice,
 HD95 and (within ``c``) norm; exactly 0 for a non-finite update or one above ``L`` times the median;

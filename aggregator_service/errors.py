@@ -129,7 +129,7 @@ def check_site_name(site: str) -> str:
 REJECTION_REASONS: dict[str, str] = {
     # The names GetStatus.rejections (and the Prometheus endpoint) count refusals under: every
     # AggregatorError's ``reason``. docs/protocol.md and the proto's comment list the same names
-    # (tests/test_wire_contract.py checks all three).
+    # (tests/aggregator_service/test_wire_contract.py checks all three).
     "unknown_site": "PERMISSION_DENIED: a site name that is not valid or not in the federation",
     "identity_mismatch": "PERMISSION_DENIED: the request names another site than the client certificate",
     "unauthenticated": "UNAUTHENTICATED: under mutual TLS, no client certificate or one without a usable site name",

@@ -3,7 +3,7 @@
 ``to_json`` gives the plain dict that is written (the layout ``store.py`` documents);
 ``from_json`` checks every field's type and range and raises :class:`DamagedRecord` naming the
 field, so a damaged or hand-edited file is reported by name instead of failing later with a
-``KeyError`` deep in a round's close. Round-trip tests pin each pair (``tests/test_records.py``).
+``KeyError`` deep in a round's close. Round-trip tests pin each pair (``tests/aggregator_service/test_records.py``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Aggregator round close and memory through the real service, against a dense numpy sum (issue #4).
+"""Aggregator round close and memory through the real service, against a dense numpy sum.
 
 A model of P float32 parameters (default 100M; ``--quick`` = 10M) shaped like a 3D conv net, and
 5, 20 and 50 sites that each submit a top-1% + int8 update (``CodecSpec(top_k_fraction=0.01,
@@ -30,7 +30,7 @@ The 50-site sum is then checked against the aggregator's new model: ``θ_2 == θ
 Usage::
 
     python benchmarks/aggregator_bench.py --quick --json          # 10M parameters, ~40 s on 2 cores
-    python benchmarks/aggregator_bench.py --json                  # 100M (the issue's size), 5-8 min on 2 cores
+    python benchmarks/aggregator_bench.py --json                  # 100M (the target size), 5-8 min on 2 cores
 
 With ``--json`` the last line is one JSON object holding ``peak_rss_over_model_50``,
 ``peak_rss_net_over_model_50`` (peak minus the idle RSS, over the model), ``rss_growth_5_to_50``,
@@ -38,7 +38,7 @@ With ``--json`` the last line is one JSON object holding ``peak_rss_over_model_5
 ``close_cpu_vs_numpy_cpu_50``: the aggregator's CPU seconds (``/proc/PID/stat``, all threads) from
 the last upload response until round 2 opened, over the CPU seconds of the numpy adds. It is not a
 target; on a shared machine it moves far less with the load than the wall-time ratio does.
-Targets (issue #4): peak_rss_net_over_model_50 <= 3, rss_growth_5_to_50 <= 1.2, close_vs_numpy_50 <= 1.
+Targets: peak_rss_net_over_model_50 <= 3, rss_growth_5_to_50 <= 1.2, close_vs_numpy_50 <= 1.
 """
 
 from __future__ import annotations

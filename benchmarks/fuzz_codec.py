@@ -9,7 +9,7 @@ container reader is fuzzed too):
   seed corpus; only ``AggregatorError`` may escape, and no spool file may stay behind.
 
 Any other exception is a finding: libFuzzer stops and writes the input as ``crash-*``.
-``tests/test_fuzz.py`` runs a fixed hypothesis budget of the same properties in CI; this is for
+``tests/codec/test_fuzz.py`` runs a fixed hypothesis budget of the same properties in CI; this is for
 long local runs::
 
     .venv/bin/pip install atheris

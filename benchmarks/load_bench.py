@@ -1,4 +1,4 @@
-"""Many sites at once against one aggregator, through the real service (issue #9).
+"""Many sites at once against one aggregator, through the real service.
 
 100 simulated sites (``site-001`` .. ``site-100``; ``--sites``) and one aggregator subprocess
 (``python -m aggregator_service.server`` on 127.0.0.1:0, federation with
@@ -23,7 +23,7 @@ Usage::
     python benchmarks/load_bench.py --json      # 100 sites, 1M parameters, well under a minute here
 
 With ``--json`` the last line is one JSON object with ``sites``, ``sent``, ``accepted``,
-``p50_ms``, ``p99_ms``, ``peak_rss_mb`` (and more). Target (issue #9): accepted == sent.
+``p50_ms``, ``p99_ms``, ``peak_rss_mb`` (and more). Target: accepted == sent.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Per network: parameter count, GFLOP of one forward + backward (convolutions and 
 on the meta device: the same on every machine), median step time, volumes/s over the timed steps (batch x steps /
 seconds, the device synchronised around every step), peak memory (``torch.cuda.max_memory_allocated``
 on a GPU; the process's peak RSS, ``VmHWM`` reset before each network, on a CPU), and ours
-against each baseline (volumes/s ratio). On a GPU the defaults are the issue's: 128³, batch 2,
+against each baseline (volumes/s ratio). On a GPU the defaults are the paper's: 128³, batch 2,
 bf16 autocast, 5 warm-up and 20 timed steps. On a CPU they shrink to 64³, batch 1, fp32,
 1 warm-up and 2 timed steps, "for the record".
 
@@ -81,7 +81,7 @@ LABELS = {
     "unetr": "MONAI UNETR f16 h768",
     "swin_unetr": "MONAI SwinUNETR f48",
 }
-# The reference training throughput of the MONAI baselines on one H200 (128³, batch 2,
+# A reference training throughput, measured elsewhere, of the MONAI baselines on one H200 (128³, batch 2,
 # bf16), volumes/s. Not measured by this script; printed beside a GPU run for comparison.
 REFERENCE_H200 = {"unet": 89.0, "unetr": 19.9, "swin_unetr": 9.3}
 MB = 1 << 20
@@ -266,7 +266,7 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         print(f"| {LABELS.get(name, name)} | {r['params'] / 1e6:.2f} | {gflop} | {r['step_ms']:.0f} | "
               f"{r['vol_per_s']:.3g} | {r['peak_mem_mb']:.0f} | {'' if ratio is None or name == OURS else f'{ratio:.2f}'} |")
     if device.type == "cuda":
-        print("# the issue's H200 reference for MONAI (128³ b2 bf16, not measured here): "
+        print("# an H200 reference for MONAI measured elsewhere (128³ b2 bf16, not measured here): "
               + ", ".join(f"{k} {v} vol/s" for k, v in REFERENCE_H200.items()))
     return summary
 

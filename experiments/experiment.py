@@ -121,7 +121,7 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "faulty-site": ("faulty_fedavg", "faulty_aam", "faulty_scaled_fedavg", "faulty_scaled_aam",
                     "faulty_flipped_fedavg", "faulty_flipped_aam"),
     "compression": ("fedavg_dense", "fedavg_top10", "fedavg_compressed"),
-    # The two numeric targets side by side: Dice against centralized (trained with either
+    # The project's two numeric targets side by side: Dice against centralized (trained with either
     # optimizer: the better one is the bar), bytes against dense; fedsegnet_tensor and
     # fedsegnet_adam isolate what the codec's top-k scope and the local optimizer each add.
     "targets": ("centralized", "centralized_sgd", "fedavg_dense", "fedsegnet", "fedsegnet_top2_int4_global",

@@ -1,7 +1,7 @@
 """Regenerate the Python code for the ``fedsegnet.v1`` protos.
 
 Run ``python -m protos.generate`` after editing a ``.proto`` file and commit the result;
-``tests/test_protos.py`` fails when the committed code differs from a fresh generation.
+``tests/protos/test_protos.py`` fails when the committed code differs from a fresh generation.
 
 The ``.proto`` files live under ``protos/`` with import paths ``fedsegnet/v1/...`` (so buf and
 grpcurl see the canonical names); the generated modules import each other as

@@ -18,7 +18,7 @@ machine, changes:
   podman reads it. Scheduling fields (nodeSelector, tolerations), GPU limits and probes are
   dropped: there is one node, no GPU, and podman plays only exec/http/tcp liveness probes (the
   script checks the gRPC health service itself).
-* The federation is the tiny one of tests/test_federation.py (1 round, 2 sites, 32^3) and the
+* The federation is the tiny one of tests/experiments/test_federation.py (1 round, 2 sites, 32^3) and the
   agents run on the CPU with ``FEDSEG_DEVICE=cpu``.
 
 Usage (from the repository root, with the project's venv)::
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 INIT_ROLE = "fedsegnet.io/podman-init"
 
 TINY_FEDERATION = """\
-# The tiny federation of tests/test_federation.py: one round, two sites, 32^3 volumes.
+# The tiny federation of tests/experiments/test_federation.py: one round, two sites, 32^3 volumes.
 [federation]
 id = "smoke"
 rounds = 1

@@ -11,7 +11,7 @@ Each vector is a frame file ``vectors/NAME.frames`` (the container of docs/proto
   a ``message`` fragment of this codec's refusal.
 
 Everything is seeded, so running it again writes the same bytes (with the same zstd library:
-zstd's output may change between its versions; tests/test_conformance.py checks it).
+zstd's output may change between its versions; tests/codec/test_conformance.py checks it).
 The valid vectors are written by the codec itself; the invalid ones are valid frames with one
 defect put in by hand (the header re-sealed with a correct checksum where the defect is behind it).
 """

@@ -7,7 +7,7 @@ k8s/ with podman and runs one federation round: minutes, not a unit test). Here:
 * the build script refuses what it does not know;
 * the podman variant's command line writes what the smoke script plays;
 * the smoke script's health checks tell a health-only port from one that serves the aggregator;
-* ``FEDSEG_DEPLOY_SMOKE=1 pytest tests/test_deploy.py`` also runs the smoke script end to end.
+* ``FEDSEG_DEPLOY_SMOKE=1 pytest tests/deploy/test_deploy.py`` also runs the smoke script end to end.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ aggregator, .2 and .3 for the sites), joined to the others only through a bridge
 namespace, so the agents reach the aggregator over a real (virtual) network with mutual TLS, as
 separate machines would; nothing listens on or talks to the host's interfaces. The private
 addresses exist only inside the namespaces this test creates and deletes. One round of the tiny
-federation of tests/test_federation.py, as real processes (``aggregator-service`` and
+federation of tests/experiments/test_federation.py, as real processes (``aggregator-service`` and
 ``client-agent`` entry points). Needs root (``ip netns``); skipped otherwise.
 """
 

@@ -1,6 +1,6 @@
 // Decode every conformance vector of a directory with fsn2.mjs and print what came out, as JSON:
 // { NAME: { frames, frames_sha256, lossless_sha256, tensors: [{ name, shape, dtype, values_sha256 }] }
-//   or { error: CLASS, message } }. tests/test_conformance.py compares it with the vectors' JSON.
+//   or { error: CLASS, message } }. tests/codec/test_conformance.py compares it with the vectors' JSON.
 //
 //   FZSTD=.tools/node_modules/fzstd node codec/testdata/node/check_vectors.mjs codec/testdata/vectors
 
