@@ -14,7 +14,6 @@ coverage-guided (atheris) harness for long local runs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import struct
 import zlib

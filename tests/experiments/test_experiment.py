@@ -316,7 +316,9 @@ def test_reencode_takes_the_last_rounds_models_and_the_residual_before_it(tmp_pa
     import codec
     from experiments.reencode import last_round_inputs, reencode_last_round
 
-    w = lambda *v: [("w", np.array(v, dtype=np.float32))]
+    def w(*v: float) -> list[tuple[str, np.ndarray]]:
+        return [("w", np.array(v, dtype=np.float32))]
+
     codec.save_tensors(tmp_path / "global-0002.frames", w(1.0, 1.0, 1.0, 1.0), codec.LOSSLESS)
     codec.save_tensors(tmp_path / "local-0002.frames", w(1.5, 0.0, 3.0, 1.25), codec.LOSSLESS)
     codec.save_tensors(tmp_path / "residual-0001.frames", w(0.0, 0.0, 0.0, 9.0), codec.LOSSLESS)

@@ -36,7 +36,7 @@ def _cases(folder: Path) -> list[tuple[nib.Nifti1Image, nib.Nifti1Image]]:
 
 
 def _arrays(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(np.asarray(i.dataobj), np.asarray(l.dataobj)) for i, l in _cases(folder)]
+    return [(np.asarray(img.dataobj), np.asarray(lab.dataobj)) for img, lab in _cases(folder)]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from experiments import sitedata, synth
+from experiments import sitedata
 from experiments.synth import SYNTH_SITES, SynthRanges, generate_synth_federation, load_synth_templates, make_synth_case
 
 # 32^3 at 6 mm (192 mm): a whole-brain field of view at a test's cost.
