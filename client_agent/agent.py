@@ -47,7 +47,7 @@ from client_agent.data import (
     resolve_label_map,
     validate_cases,
 )
-from client_agent.privacy import clip_and_noise
+from client_agent.privacy import DEFAULT_DELTA, PrivacyLedger, clip_and_noise
 from client_agent.reporting import Reporter
 from client_agent.state import SiteState
 from client_agent.training import TrainingError, evaluate, pick_device, seed_everything, train_local
@@ -97,6 +97,8 @@ class AgentSettings:
     seed: int | None = None  # None: the federation's seed
     dp_clip_norm: float = 0.0  # > 0: clip each update to this L2 norm (client-side DP)
     dp_noise_multiplier: float = 0.0  # Gaussian noise std = multiplier x clip norm
+    dp_delta: float = DEFAULT_DELTA  # the delta of the (epsilon, delta) reported with every update
+    dp_epsilon_budget: float = 0.0  # > 0: stop contributing before epsilon would exceed this
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -111,6 +113,12 @@ class AgentSettings:
             raise ValueError("dp_clip_norm and dp_noise_multiplier must be >= 0")
         if self.dp_noise_multiplier > 0 and self.dp_clip_norm == 0:
             raise ValueError("dp_noise_multiplier needs dp_clip_norm > 0: noise is calibrated to the clip norm")
+        if self.dp_epsilon_budget < 0:
+            raise ValueError(f"dp_epsilon_budget must be >= 0 (0: none), got {self.dp_epsilon_budget}")
+        if self.dp_epsilon_budget > 0 and self.dp_noise_multiplier == 0:
+            raise ValueError("dp_epsilon_budget needs dp_noise_multiplier > 0: without noise epsilon is infinite")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
         if self.max_rounds < 0:
             raise ValueError(f"max_rounds must be >= 0 (0: until the federation finishes), got {self.max_rounds}")
         if not 0 < self.poll_initial_s <= self.poll_max_s:
@@ -283,6 +291,7 @@ class SiteAgent:
         :class:`Refused` when the aggregator refuses this site (unknown site, revoked, …).
         """
         stop = stop or threading.Event()
+        self.check_privacy_budget(0)  # a site whose budget is already spent does not even join
         joined = self.client.join(self.settings.site)
         doc = self.state.load()
         if doc.get("federation_id") not in (None, joined.federation_id):
@@ -410,6 +419,21 @@ class SiteAgent:
             return None
         return HeldModel(held_round, path, digest)
 
+    @property
+    def privacy(self) -> PrivacyLedger | None:
+        """The site's privacy ledger when it adds noise (ε is only defined then)."""
+        if self.settings.dp_noise_multiplier <= 0:
+            return None
+        return PrivacyLedger(self.settings.state_dir / "privacy.json", delta=self.settings.dp_delta,
+                             budget=self.settings.dp_epsilon_budget)
+
+    def check_privacy_budget(self, round_id: int) -> None:
+        """Raise :class:`PrivacyBudgetExceeded` when releasing round ``round_id`` (0: the next
+        one) would take ε past the budget."""
+        ledger = self.privacy
+        if ledger is not None and ledger.budget > 0:
+            ledger.check(round_id or max(ledger.rounds(), default=0) + 1, self.settings.dp_noise_multiplier)
+
     def prepare_update(self, round_: pb.Round) -> dict[str, Any]:
         """Download, train, validate, encode; returns the pending record (already on disk).
 
@@ -418,6 +442,7 @@ class SiteAgent:
         it trains the round again, one killed after it resends these very frames.
         """
         r, config = round_.round_id, round_.config
+        self.check_privacy_budget(r)  # before any training: a round over budget is never prepared
         data = self.check_federation(config)
         downloaded = self.client.download(r, self.settings.site, self.state.path("global", r), base=self.held_model(r))
         self.reporter.event("download", round=r, bytes=downloaded.nbytes, delta_from=downloaded.delta_from_round)
@@ -465,6 +490,12 @@ class SiteAgent:
                                             self.settings.dp_noise_multiplier, np.random.default_rng())
             privacy = {"dp/clip_norm": report.clip_norm, "dp/noise_multiplier": report.noise_multiplier,
                        "dp/update_norm": report.norm, "dp/clip_scale": report.scale}
+            ledger = self.privacy
+            if ledger is not None:
+                # Recorded before the update can leave the site: a crash can only over-count.
+                privacy["dp/epsilon"] = ledger.record(r, self.settings.dp_noise_multiplier)
+                privacy["dp/delta"] = ledger.delta
+                privacy["dp/rounds"] = float(len(ledger.rounds()))
         encoded = codec.encode_update(list(deltas.items()), spec, self.state.residual())
         sha = hashlib.sha256()
         chunks = 0
