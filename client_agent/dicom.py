@@ -134,7 +134,8 @@ def _copy_label(label: Path, image_path: Path, dest: Path) -> None:
     """Write ``label`` to ``dest`` on the image's grid; refuse a label on another grid."""
     import nibabel as nib
 
-    img, lab = nib.load(str(image_path)), nib.load(str(label))
+    img: Any = nib.load(str(image_path))  # nibabel's image classes are untyped
+    lab: Any = nib.load(str(label))
     data = np.asanyarray(lab.dataobj)
     if data.ndim != 3:
         raise DicomError(f"label {label} must be a 3D volume, got shape {data.shape}")

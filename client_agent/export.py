@@ -34,12 +34,14 @@ written to a temporary folder beside ``DIR`` and renamed into place, and an exis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +49,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -112,14 +116,50 @@ def _eager_cpu(loaded: _Exportable) -> nn.Module:
     return net
 
 
+@contextlib.contextmanager
+def _input_independent_tensors_as_constants(net: nn.Module, example: torch.Tensor) -> Iterator[None]:
+    """Make the tracer store the position encoding as a constant tensor, not as the ops that build it.
+
+    Traced ops that create a tensor (``arange``, ``zeros``) record the export machine's device as
+    a constant, so a network traced on a CPU would build its position encoding on the CPU when
+    run on a GPU and fail there. A tensor computed outside the trace is stored as a constant
+    instead, and ``torch.jit.load(map_location=…)`` moves constants with the weights. The
+    encoding depends only on the grid (fixed for an export), so this loses nothing.
+    """
+    import model.blocks as blocks
+
+    original = blocks.sinusoidal_position_encoding_3d
+    cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def cached(size: tuple[int, int, int], dim: int, *, device: torch.device | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        key = (tuple(int(v) for v in size), int(dim), dtype)
+        if key not in cache:
+            cache[key] = original(size, dim, device=device, dtype=dtype)
+        return cache[key]
+
+    blocks.sinusoidal_position_encoding_3d = cached  # type: ignore[assignment]
+    try:
+        with torch.no_grad():
+            net(example)  # computes the encodings outside the trace
+        yield
+    finally:
+        blocks.sinusoidal_position_encoding_3d = original  # type: ignore[assignment]
+
+
+def _pins_a_device(traced: torch.jit.ScriptModule) -> bool:
+    """True when the traced graph creates tensors on a fixed device (it then runs on the CPU only)."""
+    return 'Device = prim::Constant[value="cpu"]' in str(traced.inlined_graph)
+
+
 def _trace(loaded: _Exportable) -> tuple[torch.jit.ScriptModule, float]:
     """Trace on one input, then compare with the eager network on another."""
     net = _eager_cpu(loaded)
     first, second = _example(loaded, 0), _example(loaded, 1)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # The tracer warns about every Python int it records (shapes of a fixed-size grid);
-            # the check below is what decides whether the trace is faithful.
+        with torch.no_grad(), warnings.catch_warnings(), _input_independent_tensors_as_constants(net, first):
+            # The tracer warns about every Python int it records (shapes of a fixed-size grid)
+            # and every constant it stores; the check below decides whether the trace is faithful.
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(net, first, check_trace=False)
             diff = float((traced(second) - net(second)).abs().max())
@@ -133,15 +173,20 @@ def _trace(loaded: _Exportable) -> tuple[torch.jit.ScriptModule, float]:
     return traced, diff
 
 
-def _write_torchscript(loaded: _Exportable, dest: Path) -> float:
+def _write_torchscript(loaded: _Exportable, dest: Path) -> tuple[float, bool]:
+    """Write the traced network; returns its difference from eager and whether it is CPU-only."""
     traced, diff = _trace(loaded)
     torch.jit.save(traced, str(dest))
-    return diff
+    cpu_only = _pins_a_device(traced)
+    if cpu_only:
+        log.warning("%s: the traced network creates tensors on the CPU inside its forward pass; "
+                    "it runs on the CPU only (the bundle's inference.json uses the CPU)", loaded.architecture)
+    return diff, cpu_only
 
 
 def _write_onnx(loaded: _Exportable, dest: Path) -> float:
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # type: ignore[import-untyped, unused-ignore]
     except ImportError as exc:
         raise ExportError(f"ONNX export needs onnx, onnxscript and onnxruntime: pip install 'fedsegnet[export]' ({exc})") from exc
     net = _eager_cpu(loaded)
@@ -247,7 +292,7 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-def bundle_inference_config(loaded: _Exportable) -> dict[str, Any]:
+def bundle_inference_config(loaded: _Exportable, *, cpu_only: bool = False) -> dict[str, Any]:
     """``configs/inference.json``: MONAI transforms that repeat ``fedseg segment``'s ``resize`` mode.
 
     Plain bundle expressions (no ignite evaluator, so MONAI's runner needs nothing beyond
@@ -262,7 +307,7 @@ def bundle_inference_config(loaded: _Exportable) -> dict[str, Any]:
         "image": "",
         "output_dir": "$@bundle_root + '/eval'",
         "output_postfix": "seg",
-        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "device": "$torch.device('cpu')" if cpu_only else "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "network_def": "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=@device)",
         "network": "$@network_def.eval()",
         "preprocessing": {
@@ -321,11 +366,11 @@ def _write_bundle(loaded: _Exportable, root: Path, channel_names: Sequence[str] 
     metadata = bundle_metadata(loaded, channel_names=channel_names, class_names=class_names)
     (root / "configs").mkdir(parents=True)
     (root / "models").mkdir()
-    diff = _write_torchscript(loaded, root / "models" / "model.ts")
+    diff, cpu_only = _write_torchscript(loaded, root / "models" / "model.ts")
     state = {k: v.detach().cpu().clone() for k, v in loaded.net.state_dict().items()}
     torch.save(state, root / "models" / "model.pt")
     (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    (root / "configs" / "inference.json").write_text(json.dumps(bundle_inference_config(loaded), indent=2) + "\n")
+    (root / "configs" / "inference.json").write_text(json.dumps(bundle_inference_config(loaded, cpu_only=cpu_only), indent=2) + "\n")
     fmt = metadata["network_data_format"]
     size = metadata["preprocessing"]["spatial_size"]
     (root / "README.md").write_text(_BUNDLE_README.format(
@@ -365,7 +410,7 @@ def export_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if fmt == "torchscript":
-            diff = _write_torchscript(loaded, tmp / "model.ts")
+            diff, _ = _write_torchscript(loaded, tmp / "model.ts")
         elif fmt == "onnx":
             diff = _write_onnx(loaded, tmp / "model.onnx")
         else:
@@ -391,7 +436,7 @@ def _comma_list(value: str) -> list[str]:
 
 def _load(args: argparse.Namespace) -> Any:
     try:
-        from client_agent.inference import load_model  # type: ignore[import-not-found, unused-ignore]
+        from client_agent.inference import load_model  # type: ignore[import-not-found, import-untyped, unused-ignore]
     except ImportError:
         from experiments.centralized import load_model  # type: ignore[no-redef, unused-ignore]
     return load_model(args.model, config_path=args.config, device="cpu")

@@ -159,7 +159,7 @@ def rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> fl
             raise ValueError(f"each step needs noise_multiplier >= 0 and sample_rate in (0, 1], got ({sigma}, {q}, {n})")
     if any(sigma == 0 for sigma, _, _ in steps):
         return math.inf
-    from opacus.accountants import RDPAccountant
+    from opacus.accountants import RDPAccountant  # type: ignore[import-untyped, unused-ignore]
 
     accountant = RDPAccountant()
     accountant.history = steps
