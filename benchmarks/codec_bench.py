@@ -185,7 +185,7 @@ def real_delta(workdir: Path, *, seed: int = 0) -> dict[str, np.ndarray]:
     import torch
 
     from client_agent.data import build_datasets, make_loader
-    from client_agent.training import train_local
+    from client_agent.training import LoopSettings, train_local
     from experiments.simulate import load_simulation_config
     from experiments.sitedata import generate_federation
     from model import DiceCELoss, build_model
@@ -201,8 +201,8 @@ def real_delta(workdir: Path, *, seed: int = 0) -> dict[str, np.ndarray]:
     site = build_datasets(data.site_dirs[0], spatial_size=m.img_size, num_classes=m.out_channels, seed=seed,
                           augment=False)
     loader = make_loader(site.train, batch_size=federation.training.batch_size, shuffle=True, seed=seed)
-    train_local(net, loader, epochs=1, lr=federation.training.learning_rate, device="cpu", amp=False,
-                loss_fn=DiceCELoss(lambda_dice=federation.training.lambda_dice))
+    train_local(net, loader, LoopSettings(epochs=1, lr=federation.training.learning_rate),
+                device="cpu", loss_fn=DiceCELoss(lambda_dice=federation.training.lambda_dice))
     return {k: v.detach().numpy() - initial[k] for k, v in net.state_dict().items()}
 
 

@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.p
 import torch  # noqa: E402
 from _common import cpu_model, load_average  # noqa: E402
 
+from client_agent.training import autocast  # noqa: E402
 from model import DiceCELoss, build_model  # noqa: E402
 
 OURS = "transformer_unet"
@@ -118,12 +119,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # ----------------------------------------------------------------------------------------- speed
 
 
@@ -176,7 +171,7 @@ def time_training_steps(
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             loss = loss_fn(net(x), y)
         loss.backward()
         optimizer.step()
@@ -303,7 +298,7 @@ def run_dice(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         for _ in range(args.dice_steps):
             batch = next(batches)
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, args.amp):
+            with autocast(device, args.amp):
                 loss = loss_fn(net(batch["image"].to(device)), batch["label"].to(device))
             loss.backward()
             optimizer.step()

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import codec  # noqa: E402
 from benchmarks._common import load_average, machine_line  # noqa: E402
 from client_agent.data import build_datasets, make_loader  # noqa: E402
-from client_agent.training import seed_everything, train_local  # noqa: E402
+from client_agent.training import LoopSettings, seed_everything, train_local  # noqa: E402
 from codec.spec import QUANTIZATIONS, TOP_K_SCOPES  # noqa: E402
 from experiments.sitedata import generate_federation  # noqa: E402
 from model import DiceCELoss, build_model  # noqa: E402
@@ -86,8 +86,8 @@ def run_optimizer(
     for r in range(1, args.rounds + 1):
         before = {n: t.detach().numpy().copy() for n, t in net.state_dict().items()}
         loader = make_loader(data.train, batch_size=2, shuffle=True, seed=args.seed + r, num_workers=0)
-        result = train_local(net, loader, epochs=1, lr=lr, device="cpu", amp=False, loss_fn=loss_fn,
-                             optimizer=name, momentum=momentum)
+        result = train_local(net, loader, LoopSettings(epochs=1, lr=lr, optimizer=name, momentum=momentum),
+                             device="cpu", loss_fn=loss_fn)
         deltas = {n: t.detach().numpy() - before[n] for n, t in net.state_dict().items()}
         for scope, spec in specs.items():
             residual = residuals[scope]

@@ -50,7 +50,14 @@ from client_agent.data import (
 from client_agent.privacy import DEFAULT_DELTA, PrivacyLedger, clip_and_noise
 from client_agent.reporting import Reporter
 from client_agent.state import SiteState
-from client_agent.training import TrainingError, evaluate, pick_device, seed_everything, train_local
+from client_agent.training import (
+    LoopSettings,
+    TrainingError,
+    evaluate,
+    pick_device,
+    seed_everything,
+    train_local,
+)
 from client_agent.transport import AggregatorClient, HeldModel, Refused
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 
@@ -468,13 +475,13 @@ class SiteAgent:
         loss_fn = DiceCELoss(lambda_dice=float(config.lambda_dice))
         loader = make_loader(data.train, batch_size=config.batch_size or 1, shuffle=True, seed=seed,
                              num_workers=self.settings.num_workers)
-        trained = train_local(
-            model, loader, epochs=config.local_epochs or 1, lr=config.learning_rate or 1e-4, device=self.device,
-            amp=self.settings.amp, loss_fn=loss_fn, fedprox_mu=config.fedprox_mu,
-            progress=self.reporter.progress(r),
+        loop = LoopSettings(
+            epochs=config.local_epochs or 1, lr=config.learning_rate or 1e-4, amp=self.settings.amp,
+            fedprox_mu=config.fedprox_mu,
             # Aggregators from before TrainingConfig.optimizer send none: they meant Adam.
             optimizer=config.optimizer or "adam", momentum=config.momentum,
         )
+        trained = train_local(model, loader, loop, device=self.device, loss_fn=loss_fn, progress=self.reporter.progress(r))
         scores = evaluate(model, data.val, device=self.device, num_classes=config.model.out_channels,
                           amp=self.settings.amp)
 

@@ -1,10 +1,13 @@
-"""Local training and evaluation on a site's data.
+"""The training loop and evaluation, shared by a site's rounds and centralized training.
 
-``train_local`` runs real Adam or SGD steps on the site's loader (bf16 autocast on CUDA when asked, fp32
-otherwise), optionally with the FedProx proximal term, and refuses to return a model whose loss or
-weights went non-finite. ``evaluate`` predicts every validation volume whole (volumes are already
-on the fixed grid) and averages :func:`model.segmentation_metrics` over cases with each case's
-own voxel spacing.
+One loop, in named steps: :class:`LoopSettings` says how to train, :func:`build_optimizer` makes
+(or resumes) Adam or SGD, :func:`train_epoch` makes one pass over a loader (bf16 autocast on CUDA
+when asked, fp32 otherwise; optionally with the FedProx proximal term) and refuses a non-finite
+loss, :func:`check_finite_weights` refuses a model whose weights went non-finite.
+:func:`train_local` strings them together for a site's round; ``client_agent.centralized`` calls
+:func:`train_epoch` once per epoch between validations. ``evaluate`` predicts every validation
+volume whole (volumes are already on the fixed grid) and averages
+:func:`model.segmentation_metrics` over cases with each case's own voxel spacing.
 
 Batches are dicts as :func:`client_agent.data.make_loader` yields them: ``image`` float32
 ``(B, C, D, H, W)``, ``label`` int64 ``(B, 1, D, H, W)``, ``spacing`` ``(B, 3)`` mm/voxel,
@@ -31,12 +34,21 @@ from torch.utils.data import DataLoader, Dataset
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "OPTIMIZERS",
     "EpochProgress",
+    "EpochStats",
+    "LoopSettings",
     "TrainResult",
     "TrainingError",
+    "autocast",
+    "build_optimizer",
+    "check_finite_weights",
+    "check_optimizer",
     "evaluate",
+    "make_optimizer",
     "pick_device",
     "seed_everything",
+    "train_epoch",
     "train_local",
 ]
 
@@ -140,8 +152,12 @@ class TrainResult:
         return self.epoch_losses[-1] if self.epoch_losses else math.nan
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
-    # bf16 needs no loss scaling; on CPU autocast would be slower and less exact than fp32.
+def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA when ``amp``; otherwise (and always on CPU) a no-op context.
+
+    The one precision policy of training, validation and inference: bf16 needs no loss scaling;
+    on CPU autocast would be slower and less exact than fp32.
+    """
     if amp and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -209,121 +225,205 @@ def make_optimizer(
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the training loop runs; the same for a site's round and for centralized training.
+
+    ``optimizer``/``momentum``: :func:`make_optimizer` (``"adam"``, or ``"sgd"`` with heavy-ball
+    momentum; the name is checked when the optimizer is made, so that an agent told an unknown
+    name by the aggregator skips the round). ``fedprox_mu > 0`` adds ``mu / 2 * ||w - w_global||^2``
+    to the loss. ``max_grad_norm`` clips the gradients' global norm. ``amp``: bf16 autocast on
+    CUDA, ignored on CPU.
+    """
+
+    epochs: int = 1
+    lr: float = 1e-4
+    amp: bool = False
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    fedprox_mu: float = 0.0
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.fedprox_mu < 0:
+            raise ValueError(f"fedprox_mu must be >= 0, got {self.fedprox_mu}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """One pass over the loader: its mean loss, the steps and volumes it trained on, its duration."""
+
+    loss: float
+    steps: int
+    volumes: int
+    seconds: float
+
+
+def build_optimizer(
+    model: nn.Module, settings: LoopSettings, state: Mapping[str, Any] | None = None
+) -> torch.optim.Optimizer:
+    """:func:`make_optimizer` over the trainable parameters, resumed from ``state`` where it fits.
+
+    The settings' learning rate wins over the one saved in ``state`` (a round's configuration
+    may change it).
+    """
+    opt = make_optimizer(
+        settings.optimizer, [p for p in model.parameters() if p.requires_grad], lr=settings.lr,
+        momentum=settings.momentum, weight_decay=settings.weight_decay,
+    )
+    if state:
+        try:
+            opt.load_state_dict(dict(state))
+        except (ValueError, KeyError) as exc:
+            # A changed architecture makes old moments meaningless: start afresh rather than fail the round.
+            logger.warning("optimizer state does not fit this model (%s); starting %s afresh", exc, settings.optimizer)
+        for group in opt.param_groups:
+            group["lr"] = settings.lr
+    return opt
+
+
+def _steps_per_epoch(loader: Iterable[Any]) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _train_step(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    opt: torch.optim.Optimizer,
+    settings: LoopSettings,
+    *,
+    device: torch.device,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    prox_pairs: list[tuple[torch.nn.Parameter, torch.Tensor]],
+    where: str,
+) -> tuple[float, int]:
+    """One optimizer step on one batch; returns (its loss, its volume count). ``where``: "epoch E, step S"."""
+    image = batch["image"].to(device, non_blocking=True)
+    label = batch["label"].to(device, non_blocking=True)
+    opt.zero_grad(set_to_none=True)
+    with autocast(device, settings.amp):
+        logits = model(image)
+        loss = loss_fn(logits, label)
+    loss = loss.float()
+    if settings.fedprox_mu > 0:
+        loss = loss + 0.5 * settings.fedprox_mu * _proximal_term(prox_pairs)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise TrainingError(
+            f"loss is {value} at {where} (cases {list(batch.get('case_id', []))}); "
+            "lower the learning rate, check the input intensities, or try amp=False"
+        )
+    loss.backward()
+    if settings.max_grad_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+        if not torch.isfinite(norm):
+            raise TrainingError(f"gradient norm is {float(norm)} at {where}")
+    opt.step()
+    return value, int(image.shape[0])
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    opt: torch.optim.Optimizer,
+    settings: LoopSettings,
+    *,
+    epoch: int,
+    device: torch.device,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    prox_pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] | None = None,
+    progress: Callable[[EpochProgress], None] | None = None,
+    started: float | None = None,
+) -> EpochStats:
+    """One pass of ``opt`` over ``loader`` (the model must be on ``device`` and in train mode).
+
+    ``epoch`` (1-based, of ``settings.epochs``) names the place in error messages and progress
+    reports; ``started`` is when training began (``time.perf_counter()``), from which
+    :class:`EpochProgress` counts ``seconds``. Raises :class:`TrainingError` for a non-finite loss
+    or gradient norm, or a loader that yields nothing.
+    """
+    epoch_start = time.perf_counter()
+    started = epoch_start if started is None else started
+    steps_in_epoch = _steps_per_epoch(loader)
+    total, count, volumes = 0.0, 0, 0
+    for step, batch in enumerate(loader, start=1):
+        value, n = _train_step(model, batch, opt, settings, device=device, loss_fn=loss_fn,
+                               prox_pairs=prox_pairs or [], where=f"epoch {epoch}, step {step}")
+        total += value
+        count += 1
+        volumes += n
+        if progress is not None:
+            now = time.perf_counter()
+            progress(EpochProgress(epoch, settings.epochs, step, steps_in_epoch, total / count, now - started, False,
+                                   volumes, now - epoch_start))
+    if count == 0:
+        raise TrainingError(f"the training loader yielded no batch in epoch {epoch}; the site has no training data")
+    logger.info("epoch %d/%d: loss %.4f (%d steps)", epoch, settings.epochs, total / count, count)
+    if progress is not None:
+        now = time.perf_counter()
+        progress(EpochProgress(epoch, settings.epochs, count, steps_in_epoch, total / count, now - started, True,
+                               volumes, now - epoch_start))
+    return EpochStats(loss=total / count, steps=count, volumes=volumes, seconds=time.perf_counter() - epoch_start)
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Raise :class:`TrainingError` when any parameter holds NaN or Inf: such a model must never be used."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainingError(f"{len(bad)} parameter tensor(s) hold non-finite values after training, e.g. {bad[:3]}")
+
+
 def train_local(
     model: nn.Module,
     loader: Iterable[Mapping[str, Any]],
+    settings: LoopSettings,
     *,
-    epochs: int,
-    lr: float = 1e-4,
     device: torch.device | str,
-    amp: bool,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    fedprox_mu: float = 0.0,
     global_params: Mapping[str, torch.Tensor] | None = None,
     optimizer_state: Mapping[str, Any] | None = None,
-    weight_decay: float = 0.0,
-    max_grad_norm: float | None = None,
     progress: Callable[[EpochProgress], None] | None = None,
-    optimizer: str = "adam",
-    momentum: float = 0.0,
 ) -> TrainResult:
-    """Train ``model`` in place for ``epochs`` passes over ``loader`` with ``optimizer``
-    (:func:`make_optimizer`: ``"adam"`` or ``"sgd"`` with ``momentum``).
+    """Train ``model`` in place for ``settings.epochs`` passes over ``loader`` (:func:`train_epoch`).
 
     ``loss_fn(logits (B, K, D, H, W), label (B, 1, D, H, W) int64) -> scalar``. With
-    ``fedprox_mu > 0`` the loss gains ``mu / 2 * ||w - w_global||^2`` over the trainable
-    parameters; ``global_params`` (name -> tensor) defaults to the weights the model holds when
-    training starts, i.e. the global model just downloaded. ``optimizer_state`` resumes the
-    optimizer's state (Adam's moments, SGD's momentum buffers) from an earlier round. ``amp`` turns
-    on bf16 autocast on CUDA and is ignored on CPU.
+    ``settings.fedprox_mu > 0`` the proximal term pulls towards ``global_params`` (name -> tensor),
+    by default the weights the model holds when training starts, i.e. the global model just
+    downloaded. ``optimizer_state`` resumes the optimizer's state (Adam's moments, SGD's momentum
+    buffers) from an earlier round.
 
     Raises :class:`TrainingError` naming the epoch and step when the loss or, at the end, any
     weight is non-finite (such a model must never be uploaded), or for an unknown optimizer.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if fedprox_mu < 0:
-        raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu}")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
     device = torch.device(device)
     model.to(device)
     model.train()
-    opt = make_optimizer(
-        optimizer, [p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum,
-        weight_decay=weight_decay,
-    )
-    if optimizer_state:
-        try:
-            opt.load_state_dict(dict(optimizer_state))
-        except (ValueError, KeyError) as exc:
-            # A changed architecture makes old moments meaningless: start afresh rather than fail the round.
-            logger.warning("optimizer state does not fit this model (%s); starting %s afresh", exc, optimizer)
-        for group in opt.param_groups:
-            group["lr"] = lr  # the round's configuration wins over the saved state
-    prox_pairs = _prepare_global(model, global_params, device) if fedprox_mu > 0 else []
-
-    try:
-        steps_in_epoch: int | None = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        steps_in_epoch = None
-    epoch_losses: list[float] = []
-    steps = volumes = 0
+    opt = build_optimizer(model, settings, optimizer_state)
+    prox_pairs = _prepare_global(model, global_params, device) if settings.fedprox_mu > 0 else []
     start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        total, count, epoch_volumes = 0.0, 0, 0
-        epoch_start = time.perf_counter()
-        for step, batch in enumerate(loader, start=1):
-            image = batch["image"].to(device, non_blocking=True)
-            label = batch["label"].to(device, non_blocking=True)
-            opt.zero_grad(set_to_none=True)
-            with _autocast(device, amp):
-                logits = model(image)
-                loss = loss_fn(logits, label)
-            loss = loss.float()
-            if fedprox_mu > 0:
-                loss = loss + 0.5 * fedprox_mu * _proximal_term(prox_pairs)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"loss is {value} at epoch {epoch}, step {step} (cases {list(batch.get('case_id', []))}); "
-                    "lower the learning rate, check the input intensities, or try amp=False"
-                )
-            loss.backward()
-            if max_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-                if not torch.isfinite(norm):
-                    raise TrainingError(f"gradient norm is {float(norm)} at epoch {epoch}, step {step}")
-            opt.step()
-            total += value
-            count += 1
-            steps += 1
-            volumes += int(image.shape[0])
-            epoch_volumes += int(image.shape[0])
-            if progress is not None:
-                now = time.perf_counter()
-                progress(EpochProgress(epoch, epochs, step, steps_in_epoch, total / count, now - start, False,
-                                       epoch_volumes, now - epoch_start))
-        if count == 0:
-            raise TrainingError(f"the training loader yielded no batch in epoch {epoch}; the site has no training data")
-        epoch_losses.append(total / count)
-        logger.info("epoch %d/%d: loss %.4f (%d steps)", epoch, epochs, total / count, count)
-        if progress is not None:
-            now = time.perf_counter()
-            progress(EpochProgress(epoch, epochs, count, steps_in_epoch, total / count, now - start, True,
-                                   epoch_volumes, now - epoch_start))
+    epochs = [
+        train_epoch(model, loader, opt, settings, epoch=epoch, device=device, loss_fn=loss_fn,
+                    prox_pairs=prox_pairs, progress=progress, started=start)
+        for epoch in range(1, settings.epochs + 1)
+    ]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if bad:
-        raise TrainingError(f"{len(bad)} parameter tensor(s) hold non-finite values after training, e.g. {bad[:3]}")
+    check_finite_weights(model)
     return TrainResult(
-        epoch_losses=epoch_losses,
-        steps=steps,
-        volumes=volumes,
+        epoch_losses=[e.loss for e in epochs],
+        steps=sum(e.steps for e in epochs),
+        volumes=sum(e.volumes for e in epochs),
         seconds=seconds,
         optimizer_state=opt.state_dict(),
     )
@@ -398,7 +498,7 @@ def evaluate(
             for batch in _batches(dataset_or_loader):
                 image = batch["image"].to(device)
                 label = batch["label"].to(device)
-                with _autocast(device, amp):
+                with autocast(device, amp):
                     logits = model(image)
                 logits = logits.float()
                 if loss_fn is not None:

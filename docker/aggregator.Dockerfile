@@ -23,17 +23,19 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 COPY ${WHEELS_DIR}/ /wheels/
 RUN python3 -m venv /opt/fedsegnet
-# Only what the aggregator imports: protos, codec, aggregator_service (no torch, no model code).
+# Only what the aggregator imports: protos, codec, aggregator_service (no torch, no model code),
+# and the `fedseg` dispatcher, whose `fedseg certs` needs nothing more.
 COPY pyproject.toml README.md ./
 COPY protos/ protos/
 COPY codec/ codec/
 COPY aggregator_service/ aggregator_service/
+COPY fedseg/ fedseg/
 # The import check fails the build, not the first pod, on a missing dependency. pip and setuptools
 # are tools for building, not for running, so they leave the environment.
 RUN set -eu; \
     if ls /wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /wheels; else set --; fi; \
     /opt/fedsegnet/bin/pip install --no-cache-dir "$@" . ; \
-    /opt/fedsegnet/bin/python -c "import aggregator_service.server, grpc_health, grpc_reflection, zstandard"; \
+    /opt/fedsegnet/bin/python -c "import aggregator_service.server, aggregator_service.certs, fedseg.cli, grpc_health, grpc_reflection, zstandard"; \
     /opt/fedsegnet/bin/python -m pip uninstall --yes --quiet pip setuptools
 
 # ---- final: the base image, a non-root user and the virtual environment; nothing else ----

@@ -37,6 +37,7 @@ COPY protos/ protos/
 COPY codec/ codec/
 COPY model/ model/
 COPY aggregator_service/ aggregator_service/
+COPY fedseg/ fedseg/
 COPY client_agent/ client_agent/
 COPY experiments/ experiments/
 # The import check fails the build, not the first pod, on a missing dependency. pip leaves the
@@ -44,7 +45,7 @@ COPY experiments/ experiments/
 RUN set -eu; \
     if ls /wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /wheels; else set --; fi; \
     /opt/fedsegnet/bin/pip install --no-cache-dir "$@" ".[client]"; \
-    /opt/fedsegnet/bin/python -c "import torch, monai, nibabel, client_agent.agent, experiments.cli"; \
+    /opt/fedsegnet/bin/python -c "import torch, monai, nibabel, client_agent.agent, fedseg.cli, client_agent.inference, experiments.simulate"; \
     /opt/fedsegnet/bin/python -m pip uninstall --yes --quiet pip
 
 # ---- final: the base image, a non-root user and the virtual environment; nothing else ----

@@ -19,6 +19,7 @@ the BraTS regions (ET, TC, WT: Dice and HD95) to its table.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import hashlib
@@ -358,3 +359,33 @@ def render_table(name: str, runs: Mapping[str, Mapping[str, Any]]) -> str:
                 for site, w in sorted(s["final_weights"].items()))
             for m, s in summaries.items()) + "\n"
     return f"## {name}\n\n" + head + "\n".join(lines) + "\n" + note
+
+
+# ---------------------------------------------------------------------------------------------
+# ``fedseg experiment``
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--scale", choices=sorted(SCALES), default="demo",
+                        help="demo: the built-in demo's size (CPU minutes); paper: 5 sites, 50 rounds (GPU hours)")
+    parser.add_argument("--config", help="base simulation TOML (default: the built-in demo)")
+    parser.add_argument("--results", default="results", help="where results/NAME/ goes")
+    parser.add_argument("--workdir", default="runs/experiments", help="where the runs' data, stores and logs go")
+    parser.add_argument("--force", action="store_true", help="rerun methods that already have results")
+    parser.add_argument("--methods", help="comma-separated methods of the experiment to run now (default: all); "
+                        "the table shows every method with a finished run")
+    parser.add_argument("--tabulate", action="store_true",
+                        help="run nothing: write the table, summary and plots of the methods that have finished runs")
+    parser.add_argument("--max-minutes", type=float, default=0,
+                        help="stop after the round that passes this many minutes; the same command resumes (0: no limit)")
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if args.tabulate:
+        methods = []
+    max_seconds = 60 * args.max_minutes if args.max_minutes else None
+    run_experiment(args.name, results_dir=Path(args.results), work_dir=Path(args.workdir), base_config=args.config,
+                   scale=args.scale, force=args.force, methods=methods, max_seconds=max_seconds)
+    return 0

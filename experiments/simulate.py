@@ -9,6 +9,7 @@ held-out test set, then prints a row: each site's local Dice, the global Dice, b
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
 from aggregator_service.config import FederationConfig, parse_federation_config
+from client_agent.init_model import write_initial_model
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -198,23 +200,6 @@ def task_agent_args(task: str) -> list[str]:
     """Options every agent of a ``task`` federation needs (the label map of its label values)."""
     label_map = TASK_LABEL_MAPS[task]
     return ["--label-map", label_map] if label_map else []
-
-
-def write_initial_model(config: FederationConfig, out: Path) -> Path:
-    """The global model round 1 starts from: the configured network, initialised from the seed."""
-    import torch
-
-    import codec
-    from model import build_model
-
-    torch.manual_seed(config.training.seed)
-    m = config.model
-    net = build_model(m.architecture, in_channels=m.in_channels, out_channels=m.out_channels,
-                      img_size=m.img_size, **dict(m.options))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = ((k, v.detach().cpu().numpy()) for k, v in net.state_dict().items())
-    codec.save_tensors(out, tensors, codec.LOSSLESS)
-    return out
 
 
 @dataclass
@@ -498,3 +483,32 @@ def _table_row(row: RoundRow, sites: tuple[str, ...]) -> str:
             f"{row.bytes_up / 1e6:.3f}", f"{row.dense_bytes_up / max(row.bytes_up, 1):.1f}",
             f"{row.bytes_down / 1e6:.3f}", f"{row.seconds:.1f}"]
     return "| " + " | ".join(cols) + " |"
+
+
+# ---------------------------------------------------------------------------------------------
+# ``fedseg simulate``
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="simulation TOML ([simulation] + federation sections); default: the built-in demo")
+    parser.add_argument("--workdir", default="runs/demo", help="where data, store, states, logs and models go")
+    parser.add_argument("--resume", action="store_true", help="keep the store and site states of an earlier run")
+
+
+def run(args: argparse.Namespace) -> int:
+    from experiments.plots import plot_runs
+
+    result = run_simulation(args.config, Path(args.workdir), fresh=not args.resume)
+    plots = plot_runs({"this run": result.rows}, result.workdir / "plots") if result.rows else []
+    last = result.rows[-1] if result.rows else None
+    print()
+    if last is not None:
+        print(f"final global Dice on the held-out set: {last.global_metrics['dice']:.4f} "
+              f"(HD95 {last.global_metrics['hd95']:.2f} mm) after {last.round_id} rounds")
+    total_up = sum(r.bytes_up for r in result.rows)
+    total_down = sum(r.bytes_down for r in result.rows)
+    print(f"bytes moved: {total_up / 1e6:.2f} MB up, {total_down / 1e6:.2f} MB down; {result.seconds:.0f}s in all")
+    print(f"summary: {result.workdir / 'summary.json'}; final model: {result.final_model}; logs: {result.workdir / 'logs'}")
+    if plots:
+        print(f"plots: {', '.join(str(p) for p in plots)}")
+    return 0

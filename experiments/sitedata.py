@@ -56,7 +56,6 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-
 __all__ = [
     "ScannerProfile",
     "DEFAULT_SITE_PROFILES",
@@ -74,7 +73,8 @@ __all__ = [
     "make_tissue_case",
     "generate_federation",
     "describe",
-    "add_cli",
+    "add_arguments",
+    "run",
     "main_generate",
 ]
 
@@ -873,15 +873,14 @@ def _run(args: argparse.Namespace, stream: TextIO) -> int:
     return 0
 
 
-def add_cli(subparsers: Any, name: str = "make-data") -> argparse.ArgumentParser:
-    """Register ``fedseg make-data`` on an ``argparse`` subparsers object.
-
-    The sub-command's ``func`` default takes the parsed namespace and returns an exit code.
-    """
-    parser = subparsers.add_parser(name, help="generate federation site data from the MNI152 template")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fedseg make-data``'s options."""
     _add_arguments(parser)
-    parser.set_defaults(func=lambda args: _run(args, sys.stdout))
-    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fedseg make-data``: generate, then print :func:`describe`."""
+    return _run(args, sys.stdout)
 
 
 def main_generate(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int:

@@ -84,9 +84,9 @@ trap cleanup EXIT
 
 sites=(site-1 site-2)
 log "making 2 tiny sites and a PKI in $work"
-"$PYTHON" -m experiments.cli make-data --out "$work/data" --sites 2 --cases 2 --test-cases 1 --size 32 >/dev/null
-"$PYTHON" -m experiments.certs init --dir "$work/pki" >/dev/null
-"$PYTHON" -m experiments.certs server --dir "$work/pki" --dns localhost --ip 127.0.0.1 >/dev/null
+"$PYTHON" -m fedseg make-data --out "$work/data" --sites 2 --cases 2 --test-cases 1 --size 32 >/dev/null
+"$PYTHON" -m fedseg certs init --dir "$work/pki" >/dev/null
+"$PYTHON" -m fedseg certs server --dir "$work/pki" --dns localhost --ip 127.0.0.1 >/dev/null
 mkdir -p "$work/store" "$work/revoked" "$work/tls/aggregator"
 cp "$work/pki/revoked.txt" "$work/revoked/revoked.txt"
 cp "$work/pki/server/aggregator.crt" "$work/tls/aggregator/tls.crt"
@@ -94,7 +94,7 @@ cp "$work/pki/server/aggregator.key" "$work/tls/aggregator/tls.key"
 cp "$work/pki/ca.crt" "$work/tls/aggregator/ca.crt"
 site_args=()
 for site in "${sites[@]}"; do
-    "$PYTHON" -m experiments.certs site "$site" --dir "$work/pki" >/dev/null
+    "$PYTHON" -m fedseg certs site "$site" --dir "$work/pki" >/dev/null
     mkdir -p "$work/tls/$site" "$work/state/$site"
     cp "$work/pki/sites/$site.crt" "$work/tls/$site/tls.crt"
     cp "$work/pki/sites/$site.key" "$work/tls/$site/tls.key"

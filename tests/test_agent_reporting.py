@@ -19,7 +19,7 @@ import torch
 import model as model_pkg
 from client_agent.agent import RoundOutcome
 from client_agent.reporting import Reporter
-from client_agent.training import EpochProgress, train_local
+from client_agent.training import EpochProgress, LoopSettings, train_local
 from client_agent.transport import AggregatorClient, Backoff, Refused
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc
@@ -123,7 +123,8 @@ def test_training_reports_volumes_per_epoch() -> None:
     batches = [{"image": torch.randn(n, 1, 8, 8, 8), "label": torch.randint(0, 2, (n, 1, 8, 8, 8))} for n in (2, 1)]
     seen: list[EpochProgress] = []
 
-    train_local(net, batches, epochs=2, device="cpu", amp=False, loss_fn=model_pkg.DiceCELoss(), progress=seen.append)
+    train_local(net, batches, LoopSettings(epochs=2),
+                device="cpu", loss_fn=model_pkg.DiceCELoss(), progress=seen.append)
 
     assert [(p.epoch, p.step, p.epoch_volumes, p.epoch_done) for p in seen] == [
         (1, 1, 2, False), (1, 2, 3, False), (1, 2, 3, True), (2, 1, 2, False), (2, 2, 3, False), (2, 2, 3, True),

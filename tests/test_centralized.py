@@ -13,15 +13,9 @@ import torch
 
 import codec
 from client_agent.data import DataError, PreprocessConfig, preprocess_image
-from experiments import centralized
-from experiments.cli import main as fedseg_main
-from experiments.centralized import (
-    TrainSettings,
-    evaluate_model,
-    load_model,
-    segment_file,
-    train_centralized,
-)
+from client_agent.centralized import TrainSettings, train_centralized
+from client_agent.inference import evaluate_model, load_model, segment_file
+from fedseg.cli import main as fedseg_main
 from experiments.sitedata import generate_federation
 from model import load_checkpoint
 

@@ -28,7 +28,7 @@ from aggregator_service.security import server_credentials
 from aggregator_service.server import SERVICE_NAME, Aggregator, RunningServer, serve
 from aggregator_service.store import Store
 from client_agent.tls import channel_credentials
-from experiments import certs
+from aggregator_service import certs
 from numpy_federation import config, model
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc

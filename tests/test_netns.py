@@ -100,7 +100,7 @@ def _in(ns: str, *command: str | Path) -> list[str]:
 
 
 def _certs(pki: Path, *args: str) -> None:
-    subprocess.run([sys.executable, "-m", "experiments.certs", *args, "--dir", str(pki)], check=True,
+    subprocess.run([sys.executable, "-m", "fedseg", "certs", *args, "--dir", str(pki)], check=True,
                    capture_output=True, text=True, timeout=120, cwd=REPO)
 
 

@@ -36,7 +36,8 @@ from aggregator_service.security import (
     server_credentials,
 )
 from client_agent.tls import channel_credentials
-from experiments import certs
+from aggregator_service import certs
+from fedseg.cli import main as fedseg_main
 from numpy_federation import (
     Served,
     config,
@@ -326,14 +327,14 @@ def test_insecure_mode_warns_and_tls_mode_requires_client_identity(
 def test_certs_command_line_makes_a_usable_pki(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = str(tmp_path / "pki")
 
-    assert certs.main(["init", "--dir", d]) == 0
-    assert certs.main(["server", "--dir", d, "--dns", "aggregator.svc", "--ip", "10.0.0.1"]) == 0
-    assert certs.main(["site", "site-1", "--dir", d]) == 0
-    assert certs.main(["site", "site-1", "--dir", d]) == 2  # exists: needs --rotate
-    assert certs.main(["site", "../x", "--dir", d]) == 2
-    assert certs.main(["revoke", "site-1", "--dir", d, "--serial-only"]) == 0
-    assert certs.main(["revoke", "site-2", "--dir", d]) == 0
-    assert certs.main(["revoke", "site-2", "--dir", d]) == 0  # idempotent
+    assert fedseg_main(["certs", "init", "--dir", d]) == 0
+    assert fedseg_main(["certs", "server", "--dir", d, "--dns", "aggregator.svc", "--ip", "10.0.0.1"]) == 0
+    assert fedseg_main(["certs", "site", "site-1", "--dir", d]) == 0
+    assert fedseg_main(["certs", "site", "site-1", "--dir", d]) == 2  # exists: needs --rotate
+    assert fedseg_main(["certs", "site", "../x", "--dir", d]) == 2
+    assert fedseg_main(["certs", "revoke", "site-1", "--dir", d, "--serial-only"]) == 0
+    assert fedseg_main(["certs", "revoke", "site-2", "--dir", d]) == 0
+    assert fedseg_main(["certs", "revoke", "site-2", "--dir", d]) == 0  # idempotent
 
     err = capsys.readouterr().err
     assert "pass --rotate" in err and "'../x' is not valid" in err

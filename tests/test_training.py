@@ -16,11 +16,14 @@ from client_agent.data import build_datasets, make_loader, regions_from_labels
 from client_agent.training import (
     OPTIMIZERS,
     EpochProgress,
+    LoopSettings,
     TrainingError,
+    build_optimizer,
     evaluate,
     make_optimizer,
     pick_device,
     seed_everything,
+    train_epoch,
     train_local,
 )
 
@@ -114,7 +117,7 @@ def test_train_local_reduces_the_loss() -> None:
     model = tiny_model()
     batches = synthetic_batches(4)
 
-    result = train_local(model, batches, epochs=6, lr=1e-2, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss())
+    result = train_local(model, batches, LoopSettings(epochs=6, lr=1e-2), device=CPU, loss_fn=model_pkg.DiceCELoss())
 
     assert len(result.epoch_losses) == 6
     assert all(math.isfinite(x) for x in result.epoch_losses)
@@ -123,16 +126,30 @@ def test_train_local_reduces_the_loss() -> None:
     assert result.seconds > 0 and result.volumes_per_s > 0
 
 
+def test_epochs_stepped_one_by_one_train_exactly_as_train_local() -> None:
+    # Centralized training steps train_epoch itself between validations: the same loop, the same weights.
+    batches = synthetic_batches(4)
+    settings = LoopSettings(epochs=2, lr=0.05, optimizer="sgd", momentum=0.9)
+    whole, stepped = tiny_model(), tiny_model()
+
+    result = train_local(whole, batches, settings, device=CPU, loss_fn=model_pkg.DiceCELoss())
+    opt = build_optimizer(stepped, settings)
+    losses = [train_epoch(stepped, batches, opt, settings, epoch=e, device=CPU, loss_fn=model_pkg.DiceCELoss()).loss
+              for e in (1, 2)]
+
+    assert losses == result.epoch_losses
+    for a, b in zip(whole.parameters(), stepped.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_fedprox_with_huge_mu_keeps_weights_near_the_global_model() -> None:
     batches = synthetic_batches(4)
     free, prox = tiny_model(), tiny_model()
     start = {n: p.detach().clone() for n, p in free.named_parameters()}
 
-    train_local(free, batches, epochs=3, lr=3e-3, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss())
-    train_local(
-        prox, batches, epochs=3, lr=3e-3, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss(),
-        fedprox_mu=1e4, global_params=start,
-    )
+    train_local(free, batches, LoopSettings(epochs=3, lr=3e-3), device=CPU, loss_fn=model_pkg.DiceCELoss())
+    train_local(prox, batches, LoopSettings(epochs=3, lr=3e-3, fedprox_mu=1e4),
+                device=CPU, loss_fn=model_pkg.DiceCELoss(), global_params=start)
 
     assert distance(prox, start) < 0.3 * distance(free, start)
 
@@ -142,8 +159,8 @@ def test_fedprox_rejects_global_params_of_another_model() -> None:
     wrong = {n: torch.zeros(1) for n, _ in model.named_parameters()}
 
     with pytest.raises(TrainingError, match="has shape"):
-        train_local(model, synthetic_batches(2), epochs=1, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss(),
-                    fedprox_mu=0.1, global_params=wrong)
+        train_local(model, synthetic_batches(2), LoopSettings(epochs=1, fedprox_mu=0.1),
+                    device=CPU, loss_fn=model_pkg.DiceCELoss(), global_params=wrong)
 
 
 def test_non_finite_loss_names_epoch_and_step() -> None:
@@ -152,14 +169,14 @@ def test_non_finite_loss_names_epoch_and_step() -> None:
     model = tiny_model()
 
     with pytest.raises(TrainingError, match=r"epoch 1, step 2"):
-        train_local(model, batches, epochs=2, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss())
+        train_local(model, batches, LoopSettings(epochs=2), device=CPU, loss_fn=model_pkg.DiceCELoss())
 
 
 def test_progress_is_reported_per_step_and_per_epoch() -> None:
     seen: list[EpochProgress] = []
 
-    train_local(tiny_model(), synthetic_batches(4), epochs=2, device=CPU, amp=False,
-                loss_fn=model_pkg.DiceCELoss(), progress=seen.append)
+    train_local(tiny_model(), synthetic_batches(4), LoopSettings(epochs=2),
+                device=CPU, loss_fn=model_pkg.DiceCELoss(), progress=seen.append)
 
     ends = [p for p in seen if p.epoch_done]
     assert [(p.epoch, p.step) for p in seen if not p.epoch_done] == [(1, 1), (1, 2), (2, 1), (2, 2)]
@@ -170,8 +187,8 @@ def test_amp_on_cpu_trains_in_fp32_exactly_like_no_amp() -> None:
     with_amp, without = tiny_model(), tiny_model()
     batches = synthetic_batches(2)
 
-    a = train_local(with_amp, batches, epochs=1, device=CPU, amp=True, loss_fn=model_pkg.DiceCELoss())
-    b = train_local(without, batches, epochs=1, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss())
+    a = train_local(with_amp, batches, LoopSettings(epochs=1, amp=True), device=CPU, loss_fn=model_pkg.DiceCELoss())
+    b = train_local(without, batches, LoopSettings(epochs=1), device=CPU, loss_fn=model_pkg.DiceCELoss())
 
     assert a.epoch_losses == b.epoch_losses
     for pa, pb in zip(with_amp.parameters(), without.parameters()):
@@ -181,10 +198,10 @@ def test_amp_on_cpu_trains_in_fp32_exactly_like_no_amp() -> None:
 def test_optimizer_state_carries_over_between_rounds() -> None:
     model = tiny_model()
     batches = synthetic_batches(2)
-    first = train_local(model, batches, epochs=1, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss())
+    first = train_local(model, batches, LoopSettings(epochs=1), device=CPU, loss_fn=model_pkg.DiceCELoss())
 
-    second = train_local(model, batches, epochs=2, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss(),
-                         optimizer_state=first.optimizer_state)
+    second = train_local(model, batches, LoopSettings(epochs=2),
+                         device=CPU, loss_fn=model_pkg.DiceCELoss(), optimizer_state=first.optimizer_state)
 
     steps = {int(s["step"]) for s in second.optimizer_state["state"].values()}
     assert steps == {first.steps + second.steps}
@@ -192,10 +209,8 @@ def test_optimizer_state_carries_over_between_rounds() -> None:
 
 @pytest.mark.parametrize("kwargs, message", [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"fedprox_mu": -1.0}, "fedprox_mu")])
 def test_bad_training_arguments_are_rejected(kwargs: dict, message: str) -> None:
-    args = {"epochs": 1, "lr": 1e-3, "device": CPU, "amp": False, "loss_fn": model_pkg.DiceCELoss()} | kwargs
-
     with pytest.raises(ValueError, match=message):
-        train_local(tiny_model(), synthetic_batches(2), **args)
+        LoopSettings(**({"epochs": 1, "lr": 1e-3} | kwargs))
 
 
 def top_share(before: dict[str, torch.Tensor], model: nn.Module, fraction: float) -> float:
@@ -209,8 +224,8 @@ def test_sgd_with_momentum_reduces_the_loss() -> None:
     model = tiny_model()
     batches = synthetic_batches(4)
 
-    result = train_local(model, batches, epochs=6, lr=0.05, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss(),
-                         optimizer="sgd", momentum=0.9)
+    result = train_local(model, batches, LoopSettings(epochs=6, lr=0.05, optimizer="sgd", momentum=0.9),
+                         device=CPU, loss_fn=model_pkg.DiceCELoss())
 
     assert result.epoch_losses[-1] < 0.7 * result.epoch_losses[0]
     assert isinstance(make_optimizer("sgd", model.parameters(), lr=0.1, momentum=0.9), torch.optim.SGD)
@@ -224,8 +239,8 @@ def test_sgd_updates_concentrate_where_a_top_k_codec_sends_them() -> None:
     for name, lr, momentum in (("adam", 2e-3, 0.0), ("sgd", 0.05, 0.9)):
         model = tiny_model()
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        train_local(model, batches, epochs=1, lr=lr, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss(),
-                    optimizer=name, momentum=momentum)
+        train_local(model, batches, LoopSettings(epochs=1, lr=lr, optimizer=name, momentum=momentum),
+                    device=CPU, loss_fn=model_pkg.DiceCELoss())
         shares[name] = top_share(before, model, 0.01)
 
     assert shares["adam"] < 0.1
@@ -235,12 +250,12 @@ def test_sgd_updates_concentrate_where_a_top_k_codec_sends_them() -> None:
 def test_sgd_momentum_buffers_carry_over_between_rounds() -> None:
     model = tiny_model()
     batches = synthetic_batches(2)
-    first = train_local(model, batches, epochs=1, lr=0.01, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss(),
-                        optimizer="sgd", momentum=0.9)
+    first = train_local(model, batches, LoopSettings(epochs=1, lr=0.01, optimizer="sgd", momentum=0.9),
+                        device=CPU, loss_fn=model_pkg.DiceCELoss())
     buffers = {k: v["momentum_buffer"].clone() for k, v in first.optimizer_state["state"].items()}
 
-    second = train_local(model, batches, epochs=1, lr=0.01, device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss(),
-                         optimizer="sgd", momentum=0.9, optimizer_state=first.optimizer_state)
+    second = train_local(model, batches, LoopSettings(epochs=1, lr=0.01, optimizer="sgd", momentum=0.9),
+                         device=CPU, loss_fn=model_pkg.DiceCELoss(), optimizer_state=first.optimizer_state)
 
     assert buffers and set(second.optimizer_state["state"]) == set(buffers)
     assert any(not torch.equal(second.optimizer_state["state"][k]["momentum_buffer"], b) for k, b in buffers.items())
@@ -249,8 +264,8 @@ def test_sgd_momentum_buffers_carry_over_between_rounds() -> None:
 def test_an_unknown_optimizer_is_a_training_error_naming_what_this_site_runs() -> None:
     # TrainingError: the agent then skips the round with this reason instead of stopping.
     with pytest.raises(TrainingError, match=r"unknown optimizer 'lamb'.*\['adam', 'sgd'\]"):
-        train_local(tiny_model(), synthetic_batches(2), epochs=1, lr=1e-3, device=CPU, amp=False,
-                    loss_fn=model_pkg.DiceCELoss(), optimizer="lamb")
+        train_local(tiny_model(), synthetic_batches(2), LoopSettings(epochs=1, lr=1e-3, optimizer="lamb"),
+                    device=CPU, loss_fn=model_pkg.DiceCELoss())
 
 
 @pytest.mark.parametrize(
@@ -311,8 +326,8 @@ def test_evaluate_after_training_on_nifti_site(tmp_path: Path) -> None:
         nib.save(nib.Nifti1Image(label[0].numpy().astype(np.uint8), affine), str(root / "labels" / f"c{i}.nii.gz"))
     site = build_datasets(root, spatial_size=SIZE, num_classes=4, augment=False, val_fraction=0.34, seed=0, normalize="volume")
     model = tiny_model()
-    train_local(model, make_loader(site.train, batch_size=2, shuffle=True, seed=0), epochs=2, lr=3e-3,
-                device=CPU, amp=False, loss_fn=model_pkg.DiceCELoss())
+    train_local(model, make_loader(site.train, batch_size=2, shuffle=True, seed=0), LoopSettings(epochs=2, lr=3e-3),
+                device=CPU, loss_fn=model_pkg.DiceCELoss())
 
     result = evaluate(model, site.val, device=CPU, num_classes=4, loss_fn=model_pkg.DiceCELoss())
 

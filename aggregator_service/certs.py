@@ -24,7 +24,6 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,7 +34,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from aggregator_service.errors import AggregatorError, check_site_name
-from aggregator_service.security import SITE_URI_PREFIX, parse_revocations, revocation_entry
+from aggregator_service.security import (
+    SITE_URI_PREFIX,
+    parse_revocations,
+    revocation_entry,
+)
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -238,7 +241,8 @@ def revoke(directory: str | Path, site: str, *, serial_only: bool = False) -> st
 # command line
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``fedseg certs init|server|site|revoke``: one command, one line of what was written."""
     directory = Path(args.dir)
     if args.certs_command == "init":
         issued = init_ca(directory, name=args.name, days=args.days, force=args.force)
@@ -258,10 +262,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cli(subparsers: Any, name: str = "certs") -> argparse.ArgumentParser:
-    """Register ``fedseg certs init|server|site|revoke`` on an ``argparse`` subparsers object."""
-    parser = subparsers.add_parser(name, help="federation CA, aggregator and site certificates (mutual TLS)",
-                                   description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fedseg certs``' sub-commands ``init``, ``server``, ``site`` and ``revoke``."""
     sub = parser.add_subparsers(dest="certs_command", required=True)
 
     def common(p: argparse.ArgumentParser, days: int) -> None:
@@ -289,21 +291,3 @@ def add_cli(subparsers: Any, name: str = "certs") -> argparse.ArgumentParser:
     rev.add_argument("--dir", default="pki", help="the PKI directory (default: pki)")
     rev.add_argument("--serial-only", action="store_true",
                      help="revoke only the site's current certificate (by serial), not the site")
-    parser.set_defaults(func=_run)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fedseg certs`` on its own: ``python -m experiments.certs init --dir pki``."""
-    parser = argparse.ArgumentParser(prog="fedseg")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["certs", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return int(args.func(args))
-    except ValueError as exc:
-        print(f"fedseg certs: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
