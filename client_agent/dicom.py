@@ -21,7 +21,6 @@ DICOM SEG and RTSTRUCT label objects are not read; give labels as NIfTI.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DicomError", "ConvertedSeries", "find_series", "convert_dicom", "add_cli"]
+__all__ = ["DicomError", "ConvertedSeries", "find_series", "convert_dicom"]
 
 _TAGS = {"patient": "0010|0020", "series_number": "0020|0011", "description": "0008|103e", "modality": "0008|0060",
          "series_uid": "0020|000e"}
@@ -224,44 +223,3 @@ def convert_dicom(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return done
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    """``fedseg convert``: convert, then print one line per series."""
-    converted = convert_dicom(args.dicom, args.out, labels_dir=args.labels)
-    for c in converted:
-        spacing = " x ".join(f"{s:.3g}" for s in c.spacing)
-        print(f"{c.case_id}: {c.image} {c.shape} at {spacing} mm ({c.modality or '?'} {c.description!r})"
-              + (f", label {c.label}" if c.label else ", no label"))
-    unlabelled = sum(c.label is None for c in converted)
-    if unlabelled:
-        print(f"{unlabelled} series without a label: fedseg segment reads them; a site agent trains only on "
-              f"labelled cases (pass --labels DIR with <case>.nii.gz masks)")
-    return 0
-
-
-def add_cli(subparsers: Any) -> None:
-    """Register ``convert`` on an ``argparse`` sub-parser collection."""
-    p = subparsers.add_parser("convert", help="DICOM series -> NIfTI in the MSD layout a site agent reads")
-    p.add_argument("--dicom", type=Path, required=True, metavar="DIR", help="folder of DICOM series (searched recursively)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="new (or empty) folder to write")
-    p.add_argument("--labels", type=Path, metavar="DIR", help="NIfTI masks named <case>.nii.gz on the converted grids")
-    p.set_defaults(func=run_convert)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m client_agent.dicom ...``: the same as ``fedseg convert ...``."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="fedseg")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    try:
-        return int(args.func(args))
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
-        print(f"fedseg convert: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -33,7 +33,6 @@ written to a temporary folder beside ``DIR`` and renamed into place, and an exis
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -61,7 +60,6 @@ __all__ = [
     "bundle_inference_config",
     "bundle_metadata",
     "export_model",
-    "add_cli",
 ]
 
 EXPORT_FORMATS = ("torchscript", "onnx", "bundle")
@@ -423,63 +421,3 @@ def export_model(
         raise
     files = tuple(sorted(p for p in out.rglob("*") if p.is_file()))
     return ExportResult(out_dir=out, files=files, max_abs_diff=diff)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def _comma_list(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",")]
-
-
-def _load(args: argparse.Namespace) -> Any:
-    try:
-        from client_agent.inference import load_model  # type: ignore[import-not-found, import-untyped, unused-ignore]
-    except ImportError:
-        from experiments.centralized import load_model  # type: ignore[no-redef, unused-ignore]
-    return load_model(args.model, config_path=args.config, device="cpu")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """``fedseg export``: load the model, export it, print what was written."""
-    loaded = _load(args)
-    result = export_model(loaded, args.format, args.out, channel_names=args.channel_names, class_names=args.class_names)
-    for path in result.files:
-        print(f"wrote {path}")
-    print(f"largest logit difference from the torch model on a check input: {result.max_abs_diff:.2e}")
-    if args.format == "bundle":
-        print(f"run it: python -m monai.bundle run --config_file {result.out_dir}/configs/inference.json "
-              f"--bundle_root {result.out_dir} --image SCAN.nii.gz --output_dir OUT")
-    return 0
-
-
-def add_cli(subparsers: Any) -> None:
-    """Register ``export`` on an ``argparse`` sub-parser collection."""
-    p = subparsers.add_parser("export", help="export a model as TorchScript, ONNX or a MONAI bundle")
-    p.add_argument("--model", type=Path, required=True, help="checkpoint from fedseg train, or a federation's .frames model")
-    p.add_argument("--config", type=Path, help="federation (or fedseg simulate) TOML: required for a .frames model")
-    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="new (or empty) folder to write")
-    p.add_argument("--channel-names", type=_comma_list, metavar="A,B", help="input channel names (bundle metadata)")
-    p.add_argument("--class-names", type=_comma_list, metavar="A,B", help="class names incl. background (bundle metadata)")
-    p.set_defaults(func=run_export)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m client_agent.export ...``: the same as ``fedseg export ...``."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="fedseg")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    try:
-        return int(args.func(args))
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
-        print(f"fedseg export: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -18,7 +18,8 @@ from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # noqa: E402
 
 from client_agent.data import discover_cases, load_image  # noqa: E402
-from client_agent.dicom import DicomError, convert_dicom, main as convert_main  # noqa: E402
+from client_agent.dicom import DicomError, convert_dicom  # noqa: E402
+from fedseg.cli import main as fedseg_main  # noqa: E402
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -158,7 +159,7 @@ def test_a_folder_without_dicom_is_refused_and_nothing_written(tmp_path: Path, c
     (tmp_path / "notdicom" / "readme.txt").write_text("not an image")
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(tmp_path / "notdicom" / "scan.nii.gz"))
 
-    code = convert_main(["convert", "--dicom", str(tmp_path / "notdicom"), "--out", str(tmp_path / "out")])
+    code = fedseg_main(["convert", "--dicom", str(tmp_path / "notdicom"), "--out", str(tmp_path / "out")])
 
     assert code == 2
     err = capsys.readouterr().err

@@ -15,13 +15,10 @@ import torch
 from torch import nn
 
 import codec
-from client_agent.export import ONNX_ATOL, ExportError, export_model, main as export_main
+from client_agent.export import ONNX_ATOL, ExportError, export_model
+from client_agent.inference import load_model, segment_file
+from fedseg.cli import main as fedseg_main
 from model import build_model, save_checkpoint
-
-try:  # the inference code's home after the pipeline move; before it, experiments.centralized
-    from client_agent.inference import load_model, segment_file  # type: ignore[import-not-found, unused-ignore]
-except ImportError:
-    from experiments.centralized import load_model, segment_file  # type: ignore[no-redef, unused-ignore]
 
 CONFIG = {"in_channels": 1, "out_channels": 3, "img_size": [32, 32, 32], "channels": [4, 8, 16],
           "num_transformer_layers": 1, "num_heads": 2}
@@ -163,7 +160,7 @@ def test_cli_wrong_config_for_a_frames_model(loaded, tmp_path: Path, capsys: pyt
         "[model.options]\nchannels = [8, 16, 32]\nnum_transformer_layers = 1\nnum_heads = 2\n"
     )
 
-    rc = export_main(["export", "--model", str(frames), "--config", str(other), "--format", "torchscript",
+    rc = fedseg_main(["export", "--model", str(frames), "--config", str(other), "--format", "torchscript",
                       "--out", str(tmp_path / "ts")])
 
     assert rc == 2
