@@ -106,6 +106,7 @@ class AgentSettings:
     dp_noise_multiplier: float = 0.0  # Gaussian noise std = multiplier x clip norm
     dp_delta: float = DEFAULT_DELTA  # the delta of the (epsilon, delta) reported with every update
     dp_epsilon_budget: float = 0.0  # > 0: stop contributing before epsilon would exceed this
+    gpus: int = 1  # > 1: train each round with DistributedDataParallel, one process per GPU
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -126,6 +127,8 @@ class AgentSettings:
             raise ValueError("dp_epsilon_budget needs dp_noise_multiplier > 0: without noise epsilon is infinite")
         if not 0 < self.dp_delta < 1:
             raise ValueError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.gpus < 1:
+            raise ValueError(f"gpus must be >= 1, got {self.gpus}")
         if self.max_rounds < 0:
             raise ValueError(f"max_rounds must be >= 0 (0: until the federation finishes), got {self.max_rounds}")
         if not 0 < self.poll_initial_s <= self.poll_max_s:
@@ -481,7 +484,17 @@ class SiteAgent:
             # Aggregators from before TrainingConfig.optimizer send none: they meant Adam.
             optimizer=config.optimizer or "adam", momentum=config.momentum,
         )
-        trained = train_local(model, loader, loop, device=self.device, loss_fn=loss_fn, progress=self.reporter.progress(r))
+        if self.settings.gpus > 1:
+            from client_agent.distributed import train_distributed
+
+            # One process per GPU trains; this process assembles and uploads the update once.
+            trained = train_distributed(model, data.train, loop, processes=self.settings.gpus,
+                                        batch_size=config.batch_size or 1, seed=seed, loss_fn=loss_fn,
+                                        device_type=self.device.type, num_workers=self.settings.num_workers,
+                                        work_dir=self.settings.state_dir)
+        else:
+            trained = train_local(model, loader, loop, device=self.device, loss_fn=loss_fn,
+                                  progress=self.reporter.progress(r))
         scores = evaluate(model, data.val, device=self.device, num_classes=config.model.out_channels,
                           amp=self.settings.amp)
 

@@ -198,6 +198,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", "auto (a GPU when there is one), cpu, cuda, cuda:N or mps; a GPU that is asked for but "
            "missing is an error", parse=_device, default="auto", metavar="DEVICE"),
     Option("amp", "bf16 autocast on GPU (ignored on CPU)", parse=_yes_no, default=True, metavar="yes|no"),
+    Option("gpus", "train each round on this many GPUs of this machine with DistributedDataParallel, one "
+           "process per GPU, each taking the federation's batch size per step (1: one device, as --device says)",
+           parse=_integer(1), default=1, metavar="N"),
     Option("num-workers", "data loader worker processes (0: load in the training process)", parse=_integer(0),
            default=0, metavar="N"),
     Option("max-rounds", "stop after taking part in this many rounds (0: until the federation finishes)",
@@ -390,6 +393,7 @@ def settings_from_options(values: Mapping[str, Any]) -> Any:
         dp_noise_multiplier=values["dp_noise_multiplier"],
         dp_delta=values["dp_delta"],
         dp_epsilon_budget=values["dp_epsilon_budget"],
+        gpus=values["gpus"],
     )
 
 
@@ -463,6 +467,15 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingError, ValueError) as exc:
         _error(f"--device {settings.device}: {exc}")
         return EXIT_BAD_INPUT
+    if settings.gpus > 1:
+        from client_agent.distributed import check_gpus
+
+        try:
+            # --device auto on a machine without GPUs would fall back to the CPU: --gpus means GPUs.
+            check_gpus(settings.gpus, "cuda" if device.type != "cpu" or settings.device == "auto" else "cpu")
+        except TrainingError as exc:
+            _error(str(exc))
+            return EXIT_BAD_INPUT
     # The data is checked before anything is sent: a site with unusable data never joins.
     try:
         check = check_data(settings)
