@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from aggregator_service import downloads, rounds
 from aggregator_service.config import ConfigError, FederationConfig, load_federation_config
-from aggregator_service.errors import AggregatorError, NotFound, StoreError
+from aggregator_service.errors import AggregatorError, StoreError
 from aggregator_service.metrics import Histogram, render, serve_metrics
 from aggregator_service.security import Gate, RevocationList, StreamLimits, env_flag, server_credentials
 from aggregator_service.servicer import AggregatorServicer, add_to_server
@@ -153,7 +153,7 @@ class Aggregator:
     def prometheus_text(self) -> str:
         try:
             last = self.round_metrics(0)
-        except NotFound:  # no round has closed yet
+        except rounds.NotFound:  # no round has closed yet (rounds raises errors.NotFound)
             last = None
         return render(self.status(), self.submission_latency, last)
 

@@ -108,6 +108,10 @@ class _Job:
     num_workers: int
     rendezvous: str
     out_dir: str
+    # The parent's numeric settings: spawned workers start with torch's defaults otherwise (on
+    # Hopper that means TF32 convolutions even where the agent process turned them off).
+    cudnn_tf32: bool = True
+    matmul_precision: str = "highest"
 
 
 def _worker(rank: int, job: _Job) -> None:
@@ -122,6 +126,8 @@ def _worker(rank: int, job: _Job) -> None:
         device = torch.device(f"cuda:{rank}") if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
+        torch.backends.cudnn.allow_tf32 = job.cudnn_tf32
+        torch.set_float32_matmul_precision(job.matmul_precision)
         seed_everything(job.seed)
         reseed = getattr(job.dataset, "reseed", None)
         if reseed is not None:
@@ -175,7 +181,8 @@ def train_distributed(
     model.cpu()
     with tempfile.TemporaryDirectory(prefix="ddp-", dir=work_dir) as tmp:
         job = _Job(model, dataset, loop, loss_fn, batch_size, seed, processes, device_type, num_workers,
-                   str(Path(tmp) / "rendezvous"), tmp)
+                   str(Path(tmp) / "rendezvous"), tmp, cudnn_tf32=torch.backends.cudnn.allow_tf32,
+                   matmul_precision=torch.get_float32_matmul_precision())
         try:
             mp.start_processes(_worker, args=(job,), nprocs=processes, join=True, start_method="spawn")
         except mp.ProcessRaisedException as exc:
