@@ -50,8 +50,43 @@ class Histogram:
             return out
 
 
-def render(status: dict[str, Any], latency: Histogram) -> str:
-    """The exposition text for one scrape, from ``rounds.status`` and the latency histogram."""
+def _label(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _last_round_lines(last: dict[str, Any]) -> list[str]:
+    """The last closed round (``rounds.round_metrics(…, 0)``): its close time, and per site its
+    aggregation weight, sample count and local Dice (where the site reported one)."""
+    result = last.get("result") or {}
+    lines = [
+        "# HELP fedseg_last_closed_round The last round that closed (the per-site series below are its).",
+        "# TYPE fedseg_last_closed_round gauge",
+        f"fedseg_last_closed_round {int(last['round_id'])}",
+        "# HELP fedseg_round_close_seconds Time the last closed round took to aggregate.",
+        "# TYPE fedseg_round_close_seconds gauge",
+        f"fedseg_round_close_seconds {float(result.get('close_seconds', 0.0))}",
+        "# HELP fedseg_site_weight Aggregation weight of each site in the last closed round.",
+        "# TYPE fedseg_site_weight gauge",
+    ]
+    sites = last.get("sites", [])
+    lines += [f'fedseg_site_weight{{site="{_label(s["site"])}"}} {float(s.get("weight", 0.0))}' for s in sites]
+    lines += ["# HELP fedseg_site_samples Training samples each site reported in the last closed round.",
+              "# TYPE fedseg_site_samples gauge"]
+    lines += [f'fedseg_site_samples{{site="{_label(s["site"])}"}} {int(s.get("sample_count", 0))}' for s in sites]
+    lines += ["# HELP fedseg_site_dice Local validation Dice each site reported in the last closed round.",
+              "# TYPE fedseg_site_dice gauge"]
+    lines += [f'fedseg_site_dice{{site="{_label(s["site"])}"}} {float(s["metrics"]["dice"])}'
+              for s in sites if "dice" in s.get("metrics", {})]
+    lines += ["# HELP fedseg_site_dp_epsilon Differential-privacy epsilon each site reported it has spent so far.",
+              "# TYPE fedseg_site_dp_epsilon gauge"]
+    lines += [f'fedseg_site_dp_epsilon{{site="{_label(s["site"])}"}} {float(s["extra_metrics"]["dp/epsilon"])}'
+              for s in sites if "dp/epsilon" in s.get("extra_metrics", {})]
+    return lines
+
+
+def render(status: dict[str, Any], latency: Histogram, last_round: dict[str, Any] | None = None) -> str:
+    """The exposition text for one scrape, from ``rounds.status``, the latency histogram and, once
+    a round has closed, ``rounds.round_metrics`` of the last closed round."""
     view = status["round"]
     lines = [
         "# HELP fedseg_round_current The round now open (or the last one, once finished).",
@@ -88,6 +123,8 @@ def render(status: dict[str, Any], latency: Histogram) -> str:
         "# TYPE fedseg_submission_seconds histogram",
         *latency.lines("fedseg_submission_seconds"),
     ]
+    if last_round is not None and last_round.get("closed"):
+        lines += _last_round_lines(last_round)
     return "\n".join(lines) + "\n"
 
 

@@ -153,7 +153,11 @@ class Aggregator:
         return receipt
 
     def prometheus_text(self) -> str:
-        return render(self.status(), self.submission_latency)
+        try:
+            last = self.round_metrics(0)
+        except rounds.NotFound:  # no round has closed yet (rounds raises errors.NotFound)
+            last = None
+        return render(self.status(), self.submission_latency, last)
 
     def count_rejection(self, error: AggregatorError) -> None:
         try:

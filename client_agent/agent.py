@@ -46,7 +46,7 @@ from client_agent.data import (
     resolve_label_map,
     validate_cases,
 )
-from client_agent.privacy import clip_and_noise
+from client_agent.privacy import DEFAULT_DELTA, PrivacyLedger, clip_and_noise
 from client_agent.reporting import Reporter
 from client_agent.state import SiteState
 from client_agent.training import (
@@ -108,6 +108,9 @@ class AgentSettings:
     seed: int | None = None  # None: the federation's seed
     dp_clip_norm: float = 0.0  # > 0: clip each update to this L2 norm (client-side DP)
     dp_noise_multiplier: float = 0.0  # Gaussian noise std = multiplier x clip norm
+    dp_delta: float = DEFAULT_DELTA  # the delta of the (epsilon, delta) reported with every update
+    dp_epsilon_budget: float = 0.0  # > 0: stop contributing before epsilon would exceed this
+    gpus: int = 1  # > 1: train each round with DistributedDataParallel, one process per GPU
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -122,6 +125,14 @@ class AgentSettings:
             raise ValueError("dp_clip_norm and dp_noise_multiplier must be >= 0")
         if self.dp_noise_multiplier > 0 and self.dp_clip_norm == 0:
             raise ValueError("dp_noise_multiplier needs dp_clip_norm > 0: noise is calibrated to the clip norm")
+        if self.dp_epsilon_budget < 0:
+            raise ValueError(f"dp_epsilon_budget must be >= 0 (0: none), got {self.dp_epsilon_budget}")
+        if self.dp_epsilon_budget > 0 and self.dp_noise_multiplier == 0:
+            raise ValueError("dp_epsilon_budget needs dp_noise_multiplier > 0: without noise epsilon is infinite")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.gpus < 1:
+            raise ValueError(f"gpus must be >= 1, got {self.gpus}")
         if self.max_rounds < 0:
             raise ValueError(f"max_rounds must be >= 0 (0: until the federation finishes), got {self.max_rounds}")
         if not 0 < self.poll_initial_s <= self.poll_max_s:
@@ -319,6 +330,7 @@ class SiteAgent:
         :class:`Refused` when the aggregator refuses this site (unknown site, revoked, …).
         """
         stop = stop or threading.Event()
+        self.check_privacy_budget(0)  # a site whose budget is already spent does not even join
         joined = self.client.join(self.settings.site)
         doc = self.state.load()
         if doc.get("federation_id") not in (None, joined.federation_id):
@@ -446,6 +458,21 @@ class SiteAgent:
             return None
         return HeldModel(held_round, path, digest)
 
+    @property
+    def privacy(self) -> PrivacyLedger | None:
+        """The site's privacy ledger when it adds noise (ε is only defined then)."""
+        if self.settings.dp_noise_multiplier <= 0:
+            return None
+        return PrivacyLedger(self.settings.state_dir / "privacy.json", delta=self.settings.dp_delta,
+                             budget=self.settings.dp_epsilon_budget)
+
+    def check_privacy_budget(self, round_id: int) -> None:
+        """Raise :class:`PrivacyBudgetExceeded` when releasing round ``round_id`` (0: the next
+        one) would take ε past the budget."""
+        ledger = self.privacy
+        if ledger is not None and ledger.budget > 0:
+            ledger.check(round_id or max(ledger.rounds(), default=0) + 1, self.settings.dp_noise_multiplier)
+
     def prepare_update(self, round_: pb.Round) -> dict[str, Any]:
         """Download, train, validate, encode; returns the pending record (already on disk).
 
@@ -456,10 +483,11 @@ class SiteAgent:
         before it is encoded.
         """
         r, config = round_.round_id, round_.config
+        self.check_privacy_budget(r)  # before any training: a round over budget is never prepared
         data = self.check_federation(config)
         downloaded, global_arrays = self._download_global(round_)
         trained, scores, local = self._train_round(r, config, data, global_arrays)
-        deltas, privacy = self._local_update(local, global_arrays)
+        deltas, privacy = self._local_update(r, local, global_arrays)
         if self.transform_update is not None:
             deltas = self.transform_update(deltas)
         spec = codec.CodecSpec.from_message(config.codec)
@@ -515,7 +543,17 @@ class SiteAgent:
             # Aggregators from before TrainingConfig.optimizer send none: they meant Adam.
             optimizer=config.optimizer or "adam", momentum=config.momentum,
         )
-        trained = train_local(model, loader, loop, device=self.device, loss_fn=loss_fn, progress=self.reporter.progress(r))
+        if self.settings.gpus > 1:
+            from client_agent.distributed import train_distributed
+
+            # One process per GPU trains; this process assembles and uploads the update once.
+            trained = train_distributed(model, data.train, loop, processes=self.settings.gpus,
+                                        batch_size=config.batch_size or 1, seed=seed, loss_fn=loss_fn,
+                                        device_type=self.device.type, num_workers=self.settings.num_workers,
+                                        work_dir=self.settings.state_dir)
+        else:
+            trained = train_local(model, loader, loop, device=self.device, loss_fn=loss_fn,
+                                  progress=self.reporter.progress(r))
         scores = evaluate(model, data.val, device=self.device, num_classes=config.model.out_channels,
                           amp=self.settings.amp)
         local = dict(named_arrays(model))
@@ -523,7 +561,7 @@ class SiteAgent:
         return trained, scores, local
 
     def _local_update(
-        self, local: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray]
+        self, r: int, local: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """The update θ_local − θ_global, clipped and noised when the site asks for differential privacy."""
         deltas = {name: local[name] - global_arrays[name] for name in global_arrays}
@@ -535,6 +573,12 @@ class SiteAgent:
                                         self.settings.dp_noise_multiplier, np.random.default_rng())
         privacy = {"dp/clip_norm": report.clip_norm, "dp/noise_multiplier": report.noise_multiplier,
                    "dp/update_norm": report.norm, "dp/clip_scale": report.scale}
+        ledger = self.privacy
+        if ledger is not None:
+            # Recorded before the update can leave the site: a crash can only over-count.
+            privacy["dp/epsilon"] = ledger.record(r, self.settings.dp_noise_multiplier)
+            privacy["dp/delta"] = ledger.delta
+            privacy["dp/rounds"] = float(len(ledger.rounds()))
         return deltas, privacy
 
     def _encode_and_store(self, r: int, deltas: Mapping[str, np.ndarray], spec: codec.CodecSpec) -> tuple[str, int]:

@@ -8,7 +8,8 @@ naming the option, where it came from, and what is allowed.
 
 Exit status: 0 when the federation finished (or ``--max-rounds`` were done, or the agent was
 asked to stop), 2 for a bad option, configuration or data (nothing was sent), 3 when the
-aggregator refused this site, 1 for anything unexpected.
+aggregator refused this site, 4 when the site's differential-privacy budget is spent (it stops
+contributing), 1 for anything unexpected.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ else:  # pragma: no cover
 __all__ = ["OPTIONS", "OptionError", "build_parser", "load_config_file", "main", "resolve_options", "settings_from_options"]
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
+EXIT_PRIVACY_BUDGET = 4  # the site's epsilon budget is spent: it stops contributing
 ENV_PREFIX = "FEDSEG_"
 
 
@@ -199,6 +201,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", "auto (a GPU when there is one), cpu, cuda, cuda:N or mps; a GPU that is asked for but "
            "missing is an error", parse=_device, default="auto", metavar="DEVICE"),
     Option("amp", "bf16 autocast on GPU (ignored on CPU)", parse=_yes_no, default=True, metavar="yes|no"),
+    Option("gpus", "train each round on this many GPUs of this machine with DistributedDataParallel, one "
+           "process per GPU, each taking the federation's batch size per step (1: one device, as --device says)",
+           parse=_integer(1), default=1, metavar="N"),
     Option("num-workers", "data loader worker processes (0: load in the training process)", parse=_integer(0),
            default=0, metavar="N"),
     Option("max-rounds", "stop after taking part in this many rounds (0: until the federation finishes)",
@@ -208,6 +213,11 @@ OPTIONS: tuple[Option, ...] = (
            parse=_non_negative, default=0.0, metavar="C"),
     Option("dp-noise-multiplier", "differential privacy: add Gaussian noise of std MULTIPLIER x the clip norm "
            "to every clipped update (needs --dp-clip-norm)", parse=_non_negative, default=0.0, metavar="SIGMA"),
+    Option("dp-delta", "differential privacy: the delta of the (epsilon, delta) reported with every update",
+           parse=_non_negative, default=1e-5, metavar="DELTA"),
+    Option("dp-epsilon-budget", "differential privacy: the largest epsilon (at --dp-delta) this site accepts over "
+           "the whole federation; it stops contributing before a round would exceed it (0: no budget)",
+           parse=_non_negative, default=0.0, metavar="EPSILON"),
     Option("rpc-timeout", "seconds one call may take (a whole model download or update upload is one call) "
            "before it is abandoned and retried; raise it for large models on slow links",
            parse=_positive_seconds, default=600.0, metavar="SECONDS"),
@@ -245,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         "state_dir = \"/var/fedseg\"; relative paths are taken from the file's folder) or in the environment "
         "as FEDSEG_<OPTION> (e.g. FEDSEG_STATE_DIR). The command line wins over the environment, which wins "
         "over the file. Exit status: 0 done, 2 bad option, configuration or data (nothing was sent), "
-        "3 refused by the aggregator, 1 unexpected error.",
+        "3 refused by the aggregator, 4 privacy budget spent, 1 unexpected error.",
         allow_abbrev=False,
     )
     p.add_argument("--config", metavar="FILE", help="TOML (.toml) or YAML (.yaml, .yml; needs PyYAML) file of options")
@@ -355,6 +365,10 @@ def resolve_options(argv: list[str] | None, environ: Mapping[str, str] | None = 
         fail(f"mutual TLS needs --tls-cert, --tls-key and --tls-ca; missing {missing_tls}")
     if values["tensorboard"] and importlib.util.find_spec("tensorboard") is None:
         fail("--tensorboard needs the 'tensorboard' package, which is not installed (pip install tensorboard)")
+    if not 0 < values["dp_delta"] < 1:
+        fail(f"--dp-delta: expected a number in (0, 1), got {values['dp_delta']}")
+    if values["dp_epsilon_budget"] > 0 and values["dp_noise_multiplier"] == 0:
+        fail("--dp-epsilon-budget needs --dp-noise-multiplier > 0 (and --dp-clip-norm): without noise epsilon is infinite")
     return values
 
 
@@ -380,6 +394,9 @@ def settings_from_options(values: Mapping[str, Any]) -> Any:
         max_rounds=values["max_rounds"],
         dp_clip_norm=values["dp_clip_norm"],
         dp_noise_multiplier=values["dp_noise_multiplier"],
+        dp_delta=values["dp_delta"],
+        dp_epsilon_budget=values["dp_epsilon_budget"],
+        gpus=values["gpus"],
     )
 
 
@@ -443,6 +460,7 @@ def main(argv: list[str] | None = None, *, transform_update: UpdateTransform | N
     _configure_logging(values)
     # Heavy imports (torch, MONAI) after the option checks, so --help and bad options answer at once.
     from client_agent.agent import SiteAgent, check_data
+    from client_agent.privacy import PrivacyBudgetExceeded
     from client_agent.data import DataError
     from client_agent.reporting import Reporter, TensorBoardLog
     from client_agent.training import TrainingError, pick_device
@@ -454,6 +472,15 @@ def main(argv: list[str] | None = None, *, transform_update: UpdateTransform | N
     except (TrainingError, ValueError) as exc:
         _error(f"--device {settings.device}: {exc}")
         return EXIT_BAD_INPUT
+    if settings.gpus > 1:
+        from client_agent.distributed import check_gpus
+
+        try:
+            # --device auto on a machine without GPUs would fall back to the CPU: --gpus means GPUs.
+            check_gpus(settings.gpus, "cuda" if device.type != "cpu" or settings.device == "auto" else "cpu")
+        except TrainingError as exc:
+            _error(str(exc))
+            return EXIT_BAD_INPUT
     # The data is checked before anything is sent: a site with unusable data never joins.
     try:
         check = check_data(settings)
@@ -498,6 +525,10 @@ def main(argv: list[str] | None = None, *, transform_update: UpdateTransform | N
     except Refused as exc:
         _error(f"the aggregator refused this site: {exc}")
         return EXIT_REFUSED
+    except PrivacyBudgetExceeded as exc:
+        reporter.event("privacy_budget_spent", site=settings.site, reason=str(exc))
+        _error(f"privacy budget: {exc}")
+        return EXIT_PRIVACY_BUDGET
     finally:
         client.close()
         reporter.close()

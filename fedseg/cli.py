@@ -56,6 +56,9 @@ COMMANDS: dict[str, Command] = {
                         "client"),
     "segment": Command("client_agent.commands.segment", "segment one scan; the mask keeps the scan's grid and affine",
                        "client"),
+    "export": Command("client_agent.commands.export", "export a model as TorchScript, ONNX or a MONAI bundle", "export"),
+    "convert": Command("client_agent.commands.convert", "DICOM series -> NIfTI in the MSD layout a site agent reads",
+                       "dicom"),
     # Experiments: a whole federation on this machine.
     "simulate": Command("experiments.simulate", "run a whole federation on this machine with the real services",
                         "experiments"),
