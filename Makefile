@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.fedsegnet-installed
 # pull a multi-GB CUDA build. Override on GPU hosts, e.g. `make setup TORCH_SPEC=torch==2.13.0+cu128`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test protos lint clean
+.PHONY: setup demo test test-fast protos lint clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,16 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Everything but the tests marked slow (those that start processes or train for long).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# ruff (pyflakes and pycodestyle's error classes) on all the code, mypy on the packages; both clean.
+LINT_PACKAGES := protos codec model aggregator_service client_agent experiments fedseg
+lint: setup
+	$(BIN)/ruff check $(LINT_PACKAGES) benchmarks tests
+	$(BIN)/mypy $(LINT_PACKAGES)
 
 protos: setup
 	$(BIN)/python -m protos.generate

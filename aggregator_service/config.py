@@ -281,7 +281,7 @@ def parse_federation_config(
             federation_id=str(fed.get("id", "fedsegnet")),
             rounds=int(fed.get("rounds", 3)),
             min_clients=int(fed.get("min_clients", 2)),
-            max_clients=int(fed.get("max_clients", fed.get("min_clients", 2))),
+            max_clients=int(fed["max_clients"] if "max_clients" in fed else fed.get("min_clients", 2)),
             round_timeout_s=float(fed.get("round_timeout_s", 600.0)),
             sites=tuple(str(s) for s in fed.get("sites", ())),
             max_update_bytes=int(fed.get("max_update_bytes", 0)),

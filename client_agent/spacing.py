@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -46,7 +46,7 @@ def load_scan(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
     path = Path(path)
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))  # nibabel types it as the base class; a NIfTI image has dataobj/affine
     except Exception as exc:  # nibabel raises several types for unreadable files
         raise ValueError(f"{path}: not a readable NIfTI image ({exc})") from exc
     data = np.asanyarray(img.dataobj)

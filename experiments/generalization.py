@@ -93,9 +93,9 @@ def finish_generalization(out: Path, runs: Mapping[str, Mapping[str, Any]], summ
                  "| method | scan | brain-mask Dice | CSF Dice | GM Dice | WM Dice | GM/WM mean | held-out Dice |",
                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for method, by_scan in real.items():
-            for scan, s in by_scan.items():
-                lines.append(f"| {summary['methods'][method]['label']} | {scan} | {s['brain']:.4f} | {s['CSF']:.4f} | "
-                             f"{s['GM']:.4f} | {s['WM']:.4f} | {s['GM_WM_mean']:.4f} | "
+            for scan, sc in by_scan.items():
+                lines.append(f"| {summary['methods'][method]['label']} | {scan} | {sc['brain']:.4f} | {sc['CSF']:.4f} | "
+                             f"{sc['GM']:.4f} | {sc['WM']:.4f} | {sc['GM_WM_mean']:.4f} | "
                              f"{summary['methods'][method]['dice']:.4f} |")
         table += "\n".join(lines) + "\n"
     else:

@@ -161,7 +161,7 @@ def save_figure(image: np.ndarray, prediction: np.ndarray, reference: np.ndarray
         centre[0] = int(min(max(centre[0] + (extent[-1] - extent[0]) // 5, 0), reference.shape[0] - 1))
     fig, axes = plt.subplots(3, 3, figsize=(9, 9))
     for col, axis in enumerate((2, 1, 0)):  # axial, coronal, sagittal (RAS: x, y, z)
-        index = [slice(None)] * 3
+        index: list[Any] = [slice(None)] * 3
         index[axis] = centre[axis]
         for row, (volume, name) in enumerate(((image, "image"), (prediction, "prediction"), (reference, "reference"))):
             ax = axes[row, col]
@@ -242,7 +242,8 @@ def calibrate_on_template() -> dict[str, float]:
 
     templates = synth.load_synth_templates(1.0)
     labels = np.where(templates.probs.sum(axis=0) >= 0.5, np.argmax(templates.probs, axis=0) + 1, 0).astype(np.uint8)
-    t1 = np.asarray(nib.load(str(sitedata._template_path("t1"))).dataobj, dtype=np.float32)
+    template: Any = nib.load(str(sitedata._template_path("t1")))  # a NIfTI image (nibabel types the base class)
+    t1 = np.asarray(template.dataobj, dtype=np.float32)
     return score_segmentation(labels, reference_segmentation(t1, name="MNI152 T1"))
 
 

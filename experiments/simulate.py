@@ -201,7 +201,7 @@ def _with_label_noise(site: Path, dest: Path, fraction: float, seed: int, num_cl
     shutil.copytree(site, dest)
     rng = np.random.default_rng(seed + 7919)
     for path in sorted((dest / "labelsTr").glob("*.nii.gz")):
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))  # a NIfTI image: nibabel types it as the base class
         label = np.asarray(img.dataobj).copy()
         foreground = np.flatnonzero(label > 0)
         chosen = rng.choice(foreground, size=int(fraction * foreground.size), replace=False)

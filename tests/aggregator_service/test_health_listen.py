@@ -190,6 +190,7 @@ def test_a_main_address_in_use_is_refused_and_frees_the_health_port(tmp_path: Pa
     assert _is_free(health_port)
 
 
+@pytest.mark.slow  # starts a process
 def test_the_command_serves_health_from_FEDSEG_HEALTH_LISTEN(tmp_path: Path, pki: Path) -> None:
     (tmp_path / "f.toml").write_text('[federation]\nid = "t"\nsites = ["a", "b"]\n')
     initial = tmp_path / "initial.frames"

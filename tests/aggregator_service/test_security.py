@@ -362,6 +362,7 @@ def test_missing_or_bad_certificate_files_are_named(tmp_path: Path, pki: Path) -
         server_credentials(cert, cert, tmp_path / "nope.crt")
 
 
+@pytest.mark.slow  # starts a process
 def test_the_aggregator_command_serves_mutual_tls(tmp_path: Path, pki: Path) -> None:
     (tmp_path / "f.toml").write_text('[federation]\nid = "t"\nsites = ["a", "b"]\n')
     initial = tmp_path / "initial.frames"

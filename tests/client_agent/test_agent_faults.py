@@ -39,6 +39,9 @@ from client_agent.transport import AggregatorClient
 from fault_proxy import FaultProxy
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 
+# Every test here starts processes (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 SITE = "site-a"
 

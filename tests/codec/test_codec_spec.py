@@ -123,6 +123,7 @@ def test_round_trip_through_the_real_protobuf_message():
     assert CodecSpec.from_message(pb.CodecSpec()) == CodecSpec()
 
 
+@pytest.mark.slow  # starts a process
 def test_the_codec_package_imports_neither_torch_nor_protobuf_nor_grpc():
     code = (
         "import sys, codec; "

@@ -24,6 +24,9 @@ from typing import Any, Iterator
 
 import pytest
 
+# Every test here starts processes (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
+
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the manifests (pip install pyyaml)")
 
 REPO = Path(__file__).resolve().parents[2]
