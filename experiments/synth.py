@@ -332,14 +332,7 @@ def make_synth_case(
 
 def _validate(sites: int, counts: Sequence[int] | int, test_cases: int, size: int, spacing_mm: float,
               seed: int) -> tuple[int, ...]:
-    if isinstance(sites, bool) or not isinstance(sites, int) or sites < 1:
-        raise ValueError(f"sites must be an int >= 1, got {sites!r}")
-    if isinstance(test_cases, bool) or not isinstance(test_cases, int) or test_cases < 1:
-        raise ValueError(f"test_cases must be an int >= 1, got {test_cases!r}")
-    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 256:
-        raise ValueError(f"size must be an int in [16, 256], got {size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    sitedata._check_generation_counts(sites=sites, test_cases=test_cases, size=size, seed=seed)
     if not (isinstance(spacing_mm, (int, float)) and _MIN_SPACING_MM <= spacing_mm <= _MAX_SPACING_MM):
         raise ValueError(f"spacing_mm must be in [{_MIN_SPACING_MM}, {_MAX_SPACING_MM}] mm, got {spacing_mm!r}")
     return sitedata._resolve_counts(sites, counts)

@@ -388,7 +388,7 @@ def test_health_is_not_serving_on_both_ports_while_no_worker_is_free(launch) -> 
 
 
 def test_a_site_name_with_a_trailing_newline_is_refused(launch, tmp_path) -> None:
-    from experiments import certs
+    from aggregator_service import certs
 
     aggregator = launch(federation_toml(("a",), clients=1).replace('sites = ["a"]', "sites = []"))
 
@@ -408,7 +408,7 @@ def test_a_site_name_with_a_trailing_newline_is_refused(launch, tmp_path) -> Non
 def test_a_ca_signed_common_name_with_nul_does_not_act_as_the_site_before_it(launch, tmp_path) -> None:
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    from experiments import certs
+    from aggregator_service import certs
 
     ca = tmp_path / "ca"
     certs.init_ca(ca)
