@@ -113,4 +113,4 @@ def test_gpu_record_smoke_runs_end_to_end(tmp_path: Path) -> None:
     timing = fed["timings"][0]
     assert timing["train"] > 0 and timing["close"] is not None and timing["download"] is not None
     assert {p: v["status"] for p, v in record["phases"].items()} == {
-        "environment": "done", "speed": "done", "dice": "done", "federation": "done"}
+        "environment": "done", "data": "done", "speed": "done", "dice": "done", "federation": "done"}
