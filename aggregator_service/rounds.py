@@ -382,23 +382,21 @@ def stored_submissions(store: Store, round_id: int) -> tuple[list[Submission], d
 
 def _aggregate_metrics(sites: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Sample-weighted mean of the sites' local metrics (finite values only)."""
-    out: dict[str, float] = {}
-    for name in METRIC_NAMES:
-        pairs = [(s["sample_count"], s["metrics"][name]) for s in sites if name in s.get("metrics", {})]
-        pairs = [(n, v) for n, v in pairs if math.isfinite(v)]
-        total = sum(n for n, _ in pairs)
-        if total > 0:
-            out[name] = sum(n * v for n, v in pairs) / total
-    return out
+    return _weighted_means(sites, "metrics", METRIC_NAMES)
 
 
 def _aggregate_extra(sites: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Sample-weighted mean of each extra metric, over the sites that report it (finite values only);
     ``validation_cases`` is summed instead (see :func:`round_metrics`)."""
-    out: dict[str, float] = {}
     names = sorted({name for s in sites for name in s.get("extra_metrics", {})} - {"validation_cases"})
+    return _weighted_means(sites, "extra_metrics", names)
+
+
+def _weighted_means(sites: Sequence[Mapping[str, Any]], key: str, names: Sequence[str]) -> dict[str, float]:
+    """For each name, the sample-weighted mean of ``site[key][name]`` over the sites whose value is finite."""
+    out: dict[str, float] = {}
     for name in names:
-        pairs = [(s["sample_count"], s["extra_metrics"][name]) for s in sites if name in s.get("extra_metrics", {})]
+        pairs = [(s["sample_count"], s[key][name]) for s in sites if name in s.get(key, {})]
         pairs = [(n, v) for n, v in pairs if math.isfinite(v)]
         total = sum(n for n, _ in pairs)
         if total > 0:
