@@ -72,15 +72,10 @@ def load_scan(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def zscore_nonzero(image: np.ndarray) -> np.ndarray:
-    """Z-score over the nonzero voxels (zeros stay 0): the sites' ``normalize = "nonzero"``."""
-    out = np.zeros_like(image, dtype=np.float32)
-    inside = image != 0
-    if inside.sum() < 2:
-        return out
-    values = image[inside]
-    std = float(values.std())
-    out[inside] = (values - float(values.mean())) / (std if std > 0 else 1.0)
-    return out
+    """Z-score over the nonzero voxels of a 3D image (zeros stay 0): the sites' ``normalize = "nonzero"``."""
+    from client_agent.data.preprocess import normalize_image
+
+    return normalize_image(np.asarray(image, dtype=np.float32)[None], "nonzero")[0]
 
 
 def _world_bounds(shape: Sequence[int], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

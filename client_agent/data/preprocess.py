@@ -49,12 +49,23 @@ class PreprocessConfig:
             raise ValueError(f"normalize must be 'nonzero' or 'volume', got {self.normalize!r}")
 
 
+def normalize_image(image: np.ndarray, normalize: str) -> np.ndarray:
+    """Z-score per channel of ``(C, ...)``: over the nonzero voxels (``"nonzero"``) or the whole volume.
+
+    The one normalization of the project: the sites' pipeline and inference on a scan of any
+    spacing both call it, so a model sees the same intensities in training and in use."""
+    from monai.transforms import NormalizeIntensity
+
+    normalized = NormalizeIntensity(nonzero=normalize == "nonzero", channel_wise=True)(torch.from_numpy(image))
+    return _to_numpy(normalized).astype(np.float32, copy=False)
+
+
 def preprocess_image(image: np.ndarray, *, config: PreprocessConfig) -> np.ndarray:
     """Z-score per channel, then resize trilinearly: ``(C, D0, H0, W0)`` -> ``(C, *spatial_size)`` float32."""
-    from monai.transforms import NormalizeIntensity, Resize
+    from monai.transforms import Resize
 
-    normalized = NormalizeIntensity(nonzero=config.normalize == "nonzero", channel_wise=True)(torch.from_numpy(image))
-    resized = Resize(config.spatial_size, mode="trilinear")(torch.as_tensor(normalized))
+    normalized = normalize_image(image, config.normalize)
+    resized = Resize(config.spatial_size, mode="trilinear")(torch.from_numpy(normalized))
     return _to_numpy(resized).astype(np.float32, copy=False)
 
 
