@@ -41,8 +41,9 @@ Example (every key optional; the defaults are below)::
 
     [codec]
     top_k_fraction = 1.0
-    quantization = "fp32"
+    quantization = "fp32"    # fp32 | fp16 | int8 | int4 | sign (with top-k: STC; dense: EF-signSGD)
     zstd_level = 3
+    byte_budget = 0          # bytes per update (0: off); k per tensor is then chosen to fit
 
 Every table is strict: a key it does not know is refused by name, with the allowed ones. This
 module is the only reader of the file: :func:`read_config_tables` parses it once, and a program
