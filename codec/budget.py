@@ -121,6 +121,7 @@ def plan_budget(tensors: Sequence[Candidates], fixed_bytes: int, budget: int) ->
             lo, best = mid, ks
         else:
             hi = mid
-        if sum(allocate(energies, caps, hi)) - sum(best) <= 1:
+        # Close enough: the entries still in doubt are at most 0.1% of those planned.
+        if sum(allocate(energies, caps, hi)) - sum(best) <= max(1, sum(best) // 1000):
             break
     return best

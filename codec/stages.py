@@ -491,7 +491,9 @@ class SignCoder:
         bits = np.unpackbits(raw, bitorder="little")
         if bits[count:].any():
             raise CodecError(f"{what}: sign padding bits are not zero")
-        magnitude = np.repeat(scale.astype(_F32), self.block)[:count]
+        scale = scale.astype(_F32)
+        # One scale (FedSegNet's encoder writes one per tensor) needs no per-value copy of it.
+        magnitude = scale[0] if scale.size == 1 else scale[np.arange(count) // self.block]
         return np.where(bits[:count].astype(bool), magnitude, -magnitude).astype(dtype, copy=False)
 
 

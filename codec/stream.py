@@ -38,7 +38,7 @@ from .frame import (
     unpack_frame,
     wire_dtype,
 )
-from .budget import Candidates, plan_budget
+from .budget import Candidates, allocate, plan_budget
 from .select import GlobalThreshold, Threshold, keep_count, threshold_positions, top_k_positions
 from .spec import LOSSLESS, CodecSpec
 from .stages import (
@@ -602,40 +602,67 @@ def _sized(encoder: _TensorEncoder, name: str, array: np.ndarray, positions: np.
 def _budget_plan(
     tensors: NamedTensors, spec: CodecSpec, effective: Effective, encoder: _TensorEncoder
 ) -> dict[str, np.ndarray | None]:
-    """First pass under a byte budget: the positions each floating tensor sends (None: dense).
+    """The positions each floating tensor sends under ``spec.byte_budget`` (None: dense).
 
-    Keeps each tensor's candidate entries (at most as many as the budget could carry values
-    of), so memory is O(min(model, budget entries)), not a copy of the model.
+    Two passes before the encoding pass: the first measures each tensor (energy, non-zero
+    entries, what its values cost) and bounds how many entries any tensor could get (all of
+    them together never more than the budget could carry values of); the second keeps each
+    tensor's candidates, so memory is O(min(model, budget entries)), not a copy of the model.
     """
+    budget = spec.byte_budget
     fixed = 0
-    candidates: list[Candidates] = []
+    energies: list[float] = []
+    limits: list[int] = []
+    affordable = 0
     for name, value in _items(tensors):
         name = check_name(name)
         array = effective(name, as_array(value, name))
         if array.dtype.kind != "f":
             fixed += encoder.frames_size(name, array, None)
             continue
-        flat = array.reshape(-1)
-        magnitude = _magnitude(flat, name)
-        coder = encoder.coder(array.dtype)
-        # Entries beyond what the budget could carry values of can never be chosen.
-        affordable = _max_fitting(coder.encoded_size, spec.byte_budget)
-        cap = min(int(np.count_nonzero(magnitude)), keep_count(spec.top_k_fraction, flat.size), affordable)
-        top = top_k_positions(magnitude, cap)
-        order = top[np.argsort(-magnitude[top], kind="stable")]
+        magnitude = _magnitude(array.reshape(-1), name)
         as64 = magnitude.astype(np.float64)
-        energy = float(np.dot(as64, as64))
+        energies.append(float(np.dot(as64, as64)))
+        limits.append(min(int(np.count_nonzero(magnitude)), keep_count(spec.top_k_fraction, array.size)))
+        affordable = max(affordable, _max_fitting(encoder.coder(array.dtype).encoded_size, budget))
         del magnitude, as64
+    caps = _candidate_caps(energies, limits, affordable)
 
+    candidates: list[Candidates] = []
+    float_index = 0
+    for name, value in _items(tensors):
+        array = effective(name, as_array(value, name))
+        if array.dtype.kind != "f":
+            continue
+        magnitude = _magnitude(array.reshape(-1), name)
+        top = top_k_positions(magnitude, caps[float_index])
+        order = top[np.argsort(-magnitude[top], kind="stable")]  # largest first, ties by position
+        del magnitude
         # Sizing needs only the shape and dtype: a zero-stride stand-in, not the values.
         stand_in = np.broadcast_to(np.zeros((), array.dtype), array.shape)
-        candidates.append(
-            Candidates(
-                name, energy, order, int(flat.size), functools.partial(_sized, encoder, name, stand_in), coder.exact
-            )
-        )
-    ks = plan_budget(candidates, fixed, spec.byte_budget)
+        exact = encoder.coder(array.dtype).exact
+        sized = functools.partial(_sized, encoder, name, stand_in)
+        candidates.append(Candidates(name, energies[float_index], order, int(array.size), sized, exact))
+        float_index += 1
+    ks = plan_budget(candidates, fixed, budget)
     return {c.name: c.positions(k) for c, k in zip(candidates, ks)}
+
+
+def _candidate_caps(energies: list[float], limits: list[int], affordable: int) -> list[int]:
+    """Per tensor, the most entries the plan can give it: its limit, and no more than the
+    allocation rule gives it at the smallest multiplier whose entries' values alone overflow."""
+    if sum(limits) <= affordable:
+        return limits
+    lo, hi = 0.0, max((cap / e for cap, e in zip(limits, energies) if e > 0), default=0.0)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if not lo < mid < hi:
+            break
+        if sum(allocate(energies, limits, mid)) <= affordable:
+            lo = mid
+        else:
+            hi = mid
+    return allocate(energies, limits, hi)
 
 
 def encode_tensors(tensors: NamedTensors, spec: CodecSpec = LOSSLESS) -> Iterator[bytes]:

@@ -137,7 +137,7 @@ def valid_vectors() -> dict[str, tuple[str, list[bytes], str | None]]:
         "embed.bias": r.standard_normal(300).astype(np.float32),
         "counter": np.array([3], dtype=np.int32),
     }
-    dense_ish = {"w": r.standard_normal((8, 17)).astype(np.float32), "w16": r.standard_normal(33).astype(np.float16)}
+    dense_ish: dict[str, np.ndarray] = {"w": r.standard_normal((8, 17)).astype(np.float32), "w16": r.standard_normal(33).astype(np.float16)}
     pattern = (np.arange(600_000) % 7).astype(np.float32) - 3.0  # compresses: 3 parts, small frames
     stripes = np.tile(np.array([2.0, 0.5, -0.25, -3.0], dtype=np.float32), 150_000)
     new_weights: dict[str, Any] = {k: v.copy() for k, v in weights.items()}
