@@ -1,5 +1,9 @@
 """FedSegNet tensor codec: sparsify -> quantize -> zstd frames, and the exact inverse.
 
+Sparsify by a fixed fraction (top-k per tensor or over the update) or to fit a byte budget
+(``CodecSpec(byte_budget=...)``); quantize to fp16, int8, int4 or sign (one bit per value:
+Sparse Ternary Compression with top-k, error-feedback signSGD dense).
+
 Pure numpy + zstandard (no torch, no protobuf): the aggregator decodes and accumulates updates
 with it, the client agent encodes them. See ``codec/frame.py`` for the wire format.
 

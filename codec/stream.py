@@ -2,7 +2,9 @@
 
 Encoding, per tensor (one tensor in memory at a time):
 
-1. selection: all positions (dense) or the top-k positions (:mod:`codec.select`);
+1. selection: all positions (dense) or the top-k positions (:mod:`codec.select`); under a byte
+   budget, each tensor's k comes from the plan of :mod:`codec.budget` (a first pass over the
+   tensors sizes the frames exactly);
 2. the tensor is cut into parts whose raw payload fits :data:`PAYLOAD_BUDGET`, so that every
    frame, header included, is at most :data:`MAX_FRAME_BYTES` (dense: a contiguous range of
    elements per part; sparse: a run of sent positions per part);
@@ -708,7 +710,9 @@ def encode_update(
     For each tensor, ``x = delta + residual[name]`` (residual missing = 0) is encoded under
     ``spec``; the new residual is ``x - decoded``, where ``decoded`` is exactly what a receiver
     decodes from the frames (dense, zeros at unsent positions), computed in the tensor's dtype.
-    So ``decoded + new_residual == x``: nothing is lost, it is only delayed. Lossless tensors
+    So ``decoded + new_residual == x``: nothing is lost, it is only delayed. (One exception: a
+    dense ``sign`` coding, error-feedback signSGD, cannot hold an entry back, so the residual
+    of an entry far below the tensor's scale is rounded once, by at most half its ulp.) Lossless tensors
     get an all-zero residual. Old residual entries whose name is not in ``deltas`` are dropped
     (with a warning), e.g. after a model change.
 

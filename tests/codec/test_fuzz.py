@@ -63,6 +63,9 @@ SPECS = [
     codec.CodecSpec(top_k_fraction=0.5, quantization="int4", block_size=8, zstd_level=0),
     codec.CodecSpec(quantization="fp16", zstd_level=0),
     codec.CodecSpec(top_k_fraction=0.9, zstd_level=0),  # dense-ish top-k: bitmap index coding
+    codec.CodecSpec(top_k_fraction=0.1, quantization="sign", zstd_level=0),  # STC
+    codec.CodecSpec(quantization="sign"),  # EF-signSGD
+    codec.CodecSpec(byte_budget=400, quantization="int8", zstd_level=0),
 ]
 
 
