@@ -409,8 +409,9 @@ class IntCoder:
 
 
 SIGN_BLOCK = 1 << 20
-"""Values per scale FedSegNet's encoder writes for ``sign``: the largest block, so that a part
-carries one scale (its tensor's) unless it holds more than 2**20 values."""
+"""The largest block FedSegNet's encoder writes for ``sign``: :meth:`SignCoder.fit` uses the
+tensor's count of sent values up to this, so a part carries one scale (its tensor's) unless it
+holds more than 2**20 values, and the header's block varint stays short."""
 
 
 @dataclass(frozen=True)
@@ -430,8 +431,8 @@ class SignCoder:
     ``ceil(n / block)`` float32 scales. The decoded value is ``±scale`` in float32, converted to
     the tensor's dtype.
 
-    ``scale`` is the encoder's: :meth:`fit` sets it to the mean magnitude of a tensor's sent
-    values, rounded to a multiple of the spacing of floats at the largest magnitude (so that
+    ``scale`` is the encoder's: :meth:`fit` sets the block to the tensor's count of sent values
+    (at most ``block``) and the scale to the mean magnitude of those values, rounded to a multiple of the spacing of floats at the largest magnitude (so that
     ``x - scale`` is exact for every ``|x| >= scale / 2``: Sterbenz below ``2 scale``, a common
     grid above). With ``scale`` None each block's scale is its own mean magnitude.
     """
@@ -451,16 +452,17 @@ class SignCoder:
         return (count + 7) // 8 + 4 * (-(-count // self.block))
 
     def fit(self, values: np.ndarray) -> ValueCoder:
+        block = max(1, min(self.block, values.size))
         magnitude = np.abs(values.astype(np.float64))
         if values.size == 0 or not magnitude.max() > 0:
-            return SignCoder(self.block, 0.0)
+            return SignCoder(block, 0.0)
         scale = float(np.float32(magnitude.mean()))
         # The spacing of floats of the tensor's dtype at its largest sent magnitude: a scale that
         # is a multiple of it keeps |x| - scale exact for every |x| >= scale (same grid, smaller).
         grid = float(np.spacing(values.dtype.type(magnitude.max())))
         if grid > float(np.spacing(np.float32(scale))):
             scale = max(round(scale / grid), 1) * grid
-        return SignCoder(self.block, float(np.float32(scale)))
+        return SignCoder(block, float(np.float32(scale)))
 
     def _scales(self, values: np.ndarray) -> np.ndarray:
         nblocks = -(-values.size // self.block)

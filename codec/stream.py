@@ -455,7 +455,8 @@ class _TensorEncoder:
 
     def frames_size(self, name: str, array: np.ndarray, positions: np.ndarray | None) -> int:
         """Bytes of this tensor's frames before zstd (which only ever shrinks them), headers included."""
-        coder = self.coder(array.dtype)
+        sent = array.size if positions is None else positions.size
+        coder = self.coder(array.dtype).fit(np.zeros(sent, array.dtype))  # fitted block sizes (sign)
         shape = tuple(int(d) for d in array.shape)
         total = 0
         for part, parts, start, stop, chosen in self.layout(array.size, positions, coder):
