@@ -626,8 +626,12 @@ def _budget_plan(
         magnitude = _magnitude(array.reshape(-1), name)
         as64 = magnitude.astype(np.float64)
         energies.append(float(np.dot(as64, as64)))
-        limits.append(min(int(np.count_nonzero(magnitude)), keep_count(spec.top_k_fraction, array.size)))
-        affordable = max(affordable, _max_fitting(encoder.coder(array.dtype).encoded_size, budget))
+        coder = encoder.coder(array.dtype)
+        # A sent entry costs its value and at least one index byte, or the bitmap's share.
+        bitmap = (array.size + 7) // 8
+        alone = _max_fitting(lambda k: coder.encoded_size(k) + min(k, bitmap), budget)
+        limits.append(min(int(np.count_nonzero(magnitude)), keep_count(spec.top_k_fraction, array.size), alone))
+        affordable = max(affordable, _max_fitting(coder.encoded_size, budget))
         del magnitude, as64
     caps = _candidate_caps(energies, limits, affordable)
 
