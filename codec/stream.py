@@ -616,7 +616,7 @@ def _budget_plan(
     fixed = 0
     energies: list[float] = []
     limits: list[int] = []
-    affordable = 0
+    floors: list[Callable[[int], int]] = []
     for name, value in _items(tensors):
         name = check_name(name)
         array = effective(name, as_array(value, name))
@@ -629,11 +629,12 @@ def _budget_plan(
         coder = encoder.coder(array.dtype)
         # A sent entry costs its value and at least one index byte, or the bitmap's share.
         bitmap = (array.size + 7) // 8
-        alone = _max_fitting(lambda k: coder.encoded_size(k) + min(k, bitmap), budget)
+        floor = functools.partial(_cost_floor, coder, bitmap)
+        floors.append(floor)
+        alone = _max_fitting(floor, budget)
         limits.append(min(int(np.count_nonzero(magnitude)), keep_count(spec.top_k_fraction, array.size), alone))
-        affordable = max(affordable, _max_fitting(coder.encoded_size, budget))
         del magnitude, as64
-    caps = _candidate_caps(energies, limits, affordable)
+    caps = _candidate_caps(energies, limits, floors, budget)
 
     candidates: list[Candidates] = []
     float_index = 0
@@ -655,17 +656,30 @@ def _budget_plan(
     return {c.name: c.positions(k) for c, k in zip(candidates, ks)}
 
 
-def _candidate_caps(energies: list[float], limits: list[int], affordable: int) -> list[int]:
+def _cost_floor(coder: ValueCoder, bitmap: int, k: int) -> int:
+    """Bytes ``k`` sent entries of a tensor take at least: their values, and an index of at
+    least one byte each or the whole bitmap (``bitmap`` bytes)."""
+    return coder.encoded_size(k) + min(k, bitmap)
+
+
+def _candidate_caps(
+    energies: list[float], limits: list[int], floors: list[Callable[[int], int]], budget: int
+) -> list[int]:
     """Per tensor, the most entries the plan can give it: its limit, and no more than the
-    allocation rule gives it at the smallest multiplier whose entries' values alone overflow."""
-    if sum(limits) <= affordable:
+    allocation rule gives it at the smallest multiplier whose entries' bytes (at least
+    ``floors``) overflow the budget; the plan's multiplier is below that one."""
+
+    def floor_bytes(ks: list[int]) -> int:
+        return sum(f(k) for f, k in zip(floors, ks))
+
+    if floor_bytes(limits) <= budget:
         return limits
     lo, hi = 0.0, max((cap / e for cap, e in zip(limits, energies) if e > 0), default=0.0)
     for _ in range(200):
         mid = (lo + hi) / 2
         if not lo < mid < hi:
             break
-        if sum(allocate(energies, limits, mid)) <= affordable:
+        if floor_bytes(allocate(energies, limits, mid)) <= budget:
             lo = mid
         else:
             hi = mid
