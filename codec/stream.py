@@ -629,9 +629,9 @@ def _budget_plan(
         coder = encoder.coder(array.dtype)
         # A sent entry costs its value and at least one index byte, or the bitmap's share.
         bitmap = (array.size + 7) // 8
-        floor = functools.partial(_cost_floor, coder, bitmap)
+        floor = functools.partial(_cost_floor, coder, int(array.size), bitmap)
         floors.append(floor)
-        alone = _max_fitting(floor, budget)
+        alone = int(array.size) if floor(int(array.size)) <= budget else _max_fitting(floor, budget)
         limits.append(min(int(np.count_nonzero(magnitude)), keep_count(spec.top_k_fraction, array.size), alone))
         del magnitude, as64
     caps = _candidate_caps(energies, limits, floors, budget)
@@ -656,9 +656,11 @@ def _budget_plan(
     return {c.name: c.positions(k) for c, k in zip(candidates, ks)}
 
 
-def _cost_floor(coder: ValueCoder, bitmap: int, k: int) -> int:
-    """Bytes ``k`` sent entries of a tensor take at least: their values, and an index of at
-    least one byte each or the whole bitmap (``bitmap`` bytes)."""
+def _cost_floor(coder: ValueCoder, count: int, bitmap: int, k: int) -> int:
+    """Bytes ``k`` sent entries of a tensor of ``count`` take at least: their values, and (unless
+    all are sent dense) an index of at least one byte each or the whole bitmap (``bitmap`` bytes)."""
+    if k >= count and coder.exact:  # Candidates.positions: dense, no index
+        return coder.encoded_size(k)
     return coder.encoded_size(k) + min(k, bitmap)
 
 
