@@ -529,6 +529,9 @@ def zstd_compress(compressor: zstandard.ZstdCompressor, raw: bytes | memoryview)
     return packed
 
 
+_ZSTD_UNUSED_BIT = 0x10  # bit 4 of the zstd frame header descriptor (RFC 8878 section 3.1.1.1.1)
+
+
 def zstd_decompress(
     decompressor: zstandard.ZstdDecompressor, data: bytes | memoryview, size: int, what: str
 ) -> bytes:
@@ -544,6 +547,11 @@ def zstd_decompress(
         raise CodecError(f"{what}: payload is not a zstd frame ({exc})") from None
     if declared != size:
         raise CodecError(f"{what}: zstd frame declares {declared} bytes, header says {size}")
+    # RFC 8878 tells decoders to ignore the frame header descriptor's unused bit, so a frame with it
+    # flipped decodes to the same bytes and no checksum sees the change. FedSegNet's encoder never
+    # sets it; refusing it keeps "any changed bit of a frame is refused" true on our wire.
+    if data[4] & _ZSTD_UNUSED_BIT:
+        raise CodecError(f"{what}: zstd frame header sets its unused bit (0x10 of byte 4); this codec never does")
     try:
         out = decompressor.decompress(data, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as exc:

@@ -267,6 +267,7 @@ def invalid_vectors(valid: dict[str, tuple[str, list[bytes], str | None]]) -> di
 
     # zstd frame whose header leaves out the content size.
     _, stored = unpack_frame(zstd_frame)
+    unused_bit = bytes(stored[:4]) + bytes([stored[4] | 0x10]) + bytes(stored[5:])
     unsized = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(
         zstandard.ZstdDecompressor().decompress(bytes(stored))
     )
@@ -356,6 +357,9 @@ def invalid_vectors(valid: dict[str, tuple[str, list[bytes], str | None]]) -> di
         "zstd-no-content-size": ("a zstd payload whose frame header does not declare its content size",
                                  file([reseal(zstd_frame, bytes(head_of(zstd_frame)), unsized)]), "zstd",
                                  "zstd frame declares -1 bytes"),
+        "zstd-unused-bit": ("a zstd payload whose frame header descriptor sets its unused bit (0x10)",
+                            file([reseal(zstd_frame, bytes(head_of(zstd_frame)), unused_bit)]), "zstd",
+                            "unused bit"),
         "zstd-corrupt": ("a zstd payload that is not a zstd frame",
                          file([reseal(zstd_frame, bytes(head_of(zstd_frame)), b"\x00" * 16)]), "zstd",
                          "not a zstd frame"),

@@ -250,6 +250,8 @@ export function unzstd(stored, size, what) {
   const declared = zstdContentSize(stored);
   if (declared === null) fail("zstd", `${what}: payload is not a zstd frame`);
   if (declared !== size) fail("zstd", `${what}: zstd frame declares ${declared} bytes, header says ${size}`);
+  // The descriptor's unused bit (0x10) decodes the same either way; the protocol refuses it (§4.4).
+  if (stored[4] & 0x10) fail("zstd", `${what}: zstd frame header sets its unused bit`);
   let raw;
   try {
     raw = fzstd.decompress(stored);
