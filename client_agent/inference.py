@@ -37,9 +37,9 @@ checkpoint's label map, if any), not raw label values.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,6 +52,7 @@ from torch import nn
 
 from client_agent.data import NORMALIZE_MODES, pool_cases
 from client_agent.training import METRIC_NAMES, autocast
+from codec import atomic_writer
 
 logger = logging.getLogger(__name__)
 
@@ -324,18 +325,13 @@ def _write_mask(path: Path, mask: np.ndarray, reference: Any) -> None:
     out.set_qform(affine, code=int(header["qform_code"]) or 1)
     out.set_sform(affine, code=int(header["sform_code"]) or 1)
     out.header.set_xyzt_units(xyz=header.get_xyzt_units()[0])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(out, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as fh:
+        if path.name.endswith(".nii.gz"):
+            # nibabel's own .nii.gz settings: level 1 (fast; masks compress well), no timestamp.
+            with gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=1, mtime=0) as gz:
+                out.to_stream(gz)
+        else:
+            out.to_stream(fh)
 
 
 def default_segment_mode(model: LoadedModel) -> str:

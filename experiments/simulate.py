@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence, TextIO
 from aggregator_service.config import FederationConfig, parse_federation_config, read_config_tables
 from aggregator_service.launcher import AggregatorProcess
 from client_agent.init_model import write_initial_model
+from codec import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -538,7 +539,7 @@ def run_simulation(
         result.real_scans = score_real_scans(federation, sim.spacing_mm, result.final_model, workdir / "real-scans",
                                              held_out_dice=result.rows[-1].global_metrics["dice"], stream=stream)
     result.seconds = time.monotonic() - started
-    (workdir / "summary.json").write_text(json.dumps(result.to_json(), indent=1))
+    atomic_write_text(workdir / "summary.json", json.dumps(result.to_json(), indent=1))
     return result
 
 
