@@ -506,11 +506,18 @@ def evaluate_model(
     }
 
 
+# The table's columns, in the order the project's tables print them (overlaps first, then distance,
+# then the two ratios): every metric of METRIC_NAMES, with its heading.
+_TABLE_COLUMNS = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 mm", "precision": "precision", "recall": "recall"}
+assert set(_TABLE_COLUMNS) == set(METRIC_NAMES), "a metric without a column in format_metrics_table"
+
+
 def format_metrics_table(result: Mapping[str, Any]) -> str:
     """A Markdown table: one row per class and one for the mean; HD95 in mm."""
-    header = "| class | Dice | IoU | HD95 mm | precision | recall |\n| --- | ---: | ---: | ---: | ---: | ---: |"
+    header = ("| class | " + " | ".join(_TABLE_COLUMNS.values()) + " |\n| --- |"
+              + " ---: |" * len(_TABLE_COLUMNS))
     rows = [
-        f"| {name} | " + " | ".join(f"{m[k]:.2f}" if k == "hd95" else f"{m[k]:.4f}" for k in METRIC_NAMES) + " |"
+        f"| {name} | " + " | ".join(f"{m[k]:.2f}" if k == "hd95" else f"{m[k]:.4f}" for k in _TABLE_COLUMNS) + " |"
         for name, m in [*result["per_class"].items(), ("mean", result["mean"])]
     ]
     return "\n".join([header, *rows])

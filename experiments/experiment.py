@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence, TextIO
 from aggregator_service.config import read_config_tables
 from codec import atomic_write_text
 from experiments.simulate import DEFAULT_CONFIG, RoundRow, dump_toml, run_simulation
+from protos.fedsegnet.v1.local_metrics import SEGMENTATION_METRIC_NAMES
 
 COMPRESSED = {"top_k_fraction": 0.01, "quantization": "int8", "zstd_level": 3}
 TOP10 = {"top_k_fraction": 0.1, "quantization": "int8", "zstd_level": 3}
@@ -337,7 +338,7 @@ def summarize(record: Mapping[str, Any]) -> dict[str, Any]:
     dense = sum(r.dense_bytes_up for r in rows)
     summary: dict[str, Any] = {
         "label": record["label"],
-        **{k: last.global_metrics[k] for k in ("dice", "iou", "hd95", "precision", "recall")},
+        **{k: last.global_metrics[k] for k in SEGMENTATION_METRIC_NAMES},
         "rounds": len(rows),
         "mb_up_per_round": up / len(rows) / 1e6,
         "mb_up_total": up / 1e6,

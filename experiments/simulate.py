@@ -28,6 +28,7 @@ from aggregator_service.config import FederationConfig, parse_federation_config,
 from aggregator_service.launcher import AggregatorProcess
 from client_agent.init_model import write_initial_model
 from codec import atomic_write_text
+from protos.fedsegnet.v1.local_metrics import SEGMENTATION_METRIC_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -353,13 +354,10 @@ class GlobalEvaluator:
         net.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
         scores = evaluate(net, self.dataset, device=self.device, num_classes=m.out_channels,
                           region_fn=self.region_fn)
-        out = {k: float(scores[k]) for k in METRICS}
+        out = {k: float(scores[k]) for k in SEGMENTATION_METRIC_NAMES}
         for region, values in scores.get("regions", {}).items():
-            out.update({f"{region}/{k}": float(values[k]) for k in METRICS if k in values})
+            out.update({f"{region}/{k}": float(values[k]) for k in SEGMENTATION_METRIC_NAMES if k in values})
         return out
-
-
-METRICS = ("dice", "iou", "hd95", "precision", "recall")
 
 
 @dataclass
