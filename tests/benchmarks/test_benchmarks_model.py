@@ -76,6 +76,7 @@ def test_round_timings_split_each_round_from_the_agents_json_logs(tmp_path: Path
                         "site_round": 9.0, "close": 0.25}]
 
 
+@pytest.mark.slow  # starts a process
 def test_gpu_record_reports_missing_packages_and_stops_fast(tmp_path: Path) -> None:
     # An interpreter without torch (the system's, or an empty venv): status 3 naming what is missing.
     bare = Path("/usr/bin/python3")

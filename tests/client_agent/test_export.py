@@ -19,6 +19,7 @@ from client_agent.export import ONNX_ATOL, ExportError, export_model
 from client_agent.inference import load_model, segment_file
 from fedseg.cli import main as fedseg_main
 from model import build_model, save_checkpoint
+from support import federation_toml
 
 CONFIG = {"in_channels": 1, "out_channels": 3, "img_size": [32, 32, 32], "channels": [4, 8, 16],
           "num_transformer_layers": 1, "num_heads": 2}
@@ -154,11 +155,7 @@ def test_cli_wrong_config_for_a_frames_model(loaded, tmp_path: Path, capsys: pyt
     frames = tmp_path / "global.frames"
     codec.save_tensors(frames, ((k, v.detach().numpy()) for k, v in loaded.net.state_dict().items()), codec.LOSSLESS)
     other = tmp_path / "federation.toml"
-    other.write_text(
-        "[federation]\nmin_clients = 1\nmax_clients = 1\n\n"
-        '[model]\narchitecture = "transformer_unet"\nin_channels = 1\nout_channels = 3\nimg_size = [32, 32, 32]\n'
-        "[model.options]\nchannels = [8, 16, 32]\nnum_transformer_layers = 1\nnum_heads = 2\n"
-    )
+    other.write_text(federation_toml(out_channels=3, img_size=32, channels=(8, 16, 32)))
 
     rc = fedseg_main(["export", "--model", str(frames), "--config", str(other), "--format", "torchscript",
                       "--out", str(tmp_path / "ts")])
