@@ -20,6 +20,7 @@ import train_speed  # noqa: E402
 MODELS = ["transformer_unet", "unet", "unetr", "swin_unetr"]
 
 
+@pytest.mark.slow  # builds every network at full size
 def test_flops_only_counts_every_network_and_ends_with_the_json_line(capsys: pytest.CaptureFixture[str]) -> None:
     # 64³ batch 1 (SwinUNETR needs multiples of 32 and more than one voxel at its deepest level);
     # counted on the meta device, so the size costs nothing but the count changes with it.

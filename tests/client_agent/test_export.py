@@ -125,7 +125,7 @@ class _DataDependent(nn.Module):
         return -self.conv(x)
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=pytest.mark.slow)])  # ONNX: ~20 s
 def test_an_unexportable_network_is_refused_and_nothing_written(fmt: str, tmp_path: Path) -> None:
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")

@@ -193,6 +193,7 @@ def mutate(frames: list[bytes], data: st.DataObject) -> list[bytes]:
 # the codec decoder
 
 
+@pytest.mark.slow  # the largest fuzz budget of the suite
 @SETTINGS
 @given(data=st.data())
 def test_decoder_refuses_mutated_streams_with_codec_error_only(data: st.DataObject) -> None:
