@@ -38,13 +38,14 @@ checkpoint's label map, if any), not raw label values.
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -331,7 +332,7 @@ def _write_mask(path: Path, mask: np.ndarray, reference: Any) -> None:
             with gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=1, mtime=0) as gz:
                 out.to_stream(gz)
         else:
-            out.to_stream(fh)
+            out.to_stream(cast(io.IOBase, fh))  # the writer's file is an io.BufferedWriter
 
 
 def default_segment_mode(model: LoadedModel) -> str:
