@@ -72,6 +72,7 @@ def test_bundle_runs_under_monai_to_the_mask_fedseg_segment_writes(loaded, tmp_p
     np.testing.assert_allclose(theirs.affine, ours.affine, atol=1e-5)
 
 
+@pytest.mark.slow  # traces the network
 def test_bundle_layout_and_metadata(loaded, tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     export_model(loaded, "bundle", bundle, channel_names=["T1"], class_names=["background", "grey", "white"])
@@ -89,6 +90,7 @@ def test_bundle_layout_and_metadata(loaded, tmp_path: Path) -> None:
         torch.testing.assert_close(torch.jit.load(str(bundle / "models" / "model.ts"))(x), loaded.net(x), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # traces the network
 def test_torchscript_matches_the_eager_network(loaded, tmp_path: Path) -> None:
     result = export_model(loaded, "torchscript", tmp_path / "ts")
 

@@ -73,6 +73,7 @@ def test_bad_target_is_refused(batch: tuple[torch.Tensor, torch.Tensor], target:
         DiceCELoss()(logits, target)
 
 
+@pytest.mark.slow  # trains for many steps
 def test_adam_overfits_one_volume() -> None:
     # Real training: a tiny Transformer U-Net learns a 3-class volume (a box and a smaller box in it).
     torch.manual_seed(0)
