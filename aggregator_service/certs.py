@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,6 +38,7 @@ from aggregator_service.security import (
     parse_revocations,
     revocation_entry,
 )
+from codec import atomic_write_bytes
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -65,19 +65,8 @@ def server_paths(directory: Path, name: str) -> tuple[Path, Path]:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically with ``mode`` from the start (a key is never world-readable, even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # mode is set before the bytes are written: a key is never readable by others, even briefly.
+    atomic_write_bytes(path, data, mode=mode)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

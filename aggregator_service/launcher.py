@@ -36,6 +36,8 @@ class AggregatorProcess:
     ``--insecure`` (loopback tests and simulations; SECURITY.md). ``env`` replaces the
     environment (default: this process's); ``PYTHONPATH`` always starts with the directory that
     holds ``aggregator_service``. ``port_file`` defaults to ``STORE.port`` beside the store.
+    ``wrapper`` is a command the server runs under, e.g. ``["ip", "netns", "exec", NS]``; it
+    must exec the server (not fork it), so that the signals of :meth:`stop` reach the server.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class AggregatorProcess:
         extra_args: Sequence[str] = ("--insecure",),
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
+        wrapper: Sequence[str | os.PathLike[str]] = (),
         start_timeout_s: float = 120.0,
         stop_timeout_s: float = 30.0,
     ) -> None:
@@ -66,6 +69,7 @@ class AggregatorProcess:
         self.extra_args = [str(a) for a in extra_args]
         self.env = dict(os.environ if env is None else env)
         self.cwd = Path(cwd) if cwd is not None else None
+        self.wrapper = [str(w) for w in wrapper]
         self.start_timeout_s, self.stop_timeout_s = start_timeout_s, stop_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -75,7 +79,7 @@ class AggregatorProcess:
     def command(self) -> list[str]:
         """The server's command line; ``--listen`` names the port of the previous start, if any."""
         command = [
-            sys.executable, "-m", "aggregator_service.server",
+            *self.wrapper, sys.executable, "-m", "aggregator_service.server",
             "--config", str(self.config), "--store", str(self.store), "--initial-model", str(self.initial_model),
             "--listen", f"{self.host}:{self.port}", "--metrics-listen", self.metrics_listen,
             "--port-file", str(self.port_file),
@@ -124,6 +128,15 @@ class AggregatorProcess:
         self.port = self._wait_for_port(started + self.start_timeout_s)
         self.start_seconds = time.monotonic() - started
         return self
+
+    def run_to_exit(self, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run the command in the foreground until it exits, its output captured: for a start
+        that must be refused (a damaged store, a bad flag), where nothing is left to stop."""
+        if self.running:
+            raise RuntimeError(f"the aggregator is already running (pid {self.pid})")
+        self.port_file.unlink(missing_ok=True)
+        return subprocess.run(self.command(), capture_output=True, text=True, timeout=timeout_s, check=False,
+                              env=self._child_env(), cwd=self.cwd)
 
     def _wait_for_port(self, deadline: float) -> int:
         assert self.proc is not None

@@ -52,6 +52,8 @@ for p in (str(REPO), str(Path(__file__).resolve().parent)):
 
 import torch  # noqa: E402
 
+from codec import atomic_write_text  # noqa: E402
+
 OURS = "transformer_unet"
 MODELS: tuple[str, ...] = (OURS, "unet", "unetr", "swin_unetr")
 RESULT_NAME = "gpu-record.json"
@@ -95,10 +97,7 @@ class Record:
 
     def write(self) -> None:
         text = json.dumps(_clean(self.data), indent=1, sort_keys=True, default=_json_default, allow_nan=False) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, text)
         out = os.environ.get("OUT")
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)

@@ -37,14 +37,15 @@ checkpoint's label map, if any), not raw label values.
 
 from __future__ import annotations
 
+import gzip
+import io
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ from torch import nn
 
 from client_agent.data import NORMALIZE_MODES, pool_cases
 from client_agent.training import METRIC_NAMES, autocast
+from codec import atomic_writer
 
 logger = logging.getLogger(__name__)
 
@@ -324,18 +326,13 @@ def _write_mask(path: Path, mask: np.ndarray, reference: Any) -> None:
     out.set_qform(affine, code=int(header["qform_code"]) or 1)
     out.set_sform(affine, code=int(header["sform_code"]) or 1)
     out.header.set_xyzt_units(xyz=header.get_xyzt_units()[0])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(out, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as fh:
+        if path.name.endswith(".nii.gz"):
+            # nibabel's own .nii.gz settings: level 1 (fast; masks compress well), no timestamp.
+            with gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=1, mtime=0) as gz:
+                out.to_stream(gz)
+        else:
+            out.to_stream(cast(io.IOBase, fh))  # the writer's file is an io.BufferedWriter
 
 
 def default_segment_mode(model: LoadedModel) -> str:
@@ -510,11 +507,18 @@ def evaluate_model(
     }
 
 
+# The table's columns, in the order the project's tables print them (overlaps first, then distance,
+# then the two ratios): every metric of METRIC_NAMES, with its heading.
+_TABLE_COLUMNS = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 mm", "precision": "precision", "recall": "recall"}
+assert set(_TABLE_COLUMNS) == set(METRIC_NAMES), "a metric without a column in format_metrics_table"
+
+
 def format_metrics_table(result: Mapping[str, Any]) -> str:
     """A Markdown table: one row per class and one for the mean; HD95 in mm."""
-    header = "| class | Dice | IoU | HD95 mm | precision | recall |\n| --- | ---: | ---: | ---: | ---: | ---: |"
+    header = ("| class | " + " | ".join(_TABLE_COLUMNS.values()) + " |\n| --- |"
+              + " ---: |" * len(_TABLE_COLUMNS))
     rows = [
-        f"| {name} | " + " | ".join(f"{m[k]:.2f}" if k == "hd95" else f"{m[k]:.4f}" for k in METRIC_NAMES) + " |"
+        f"| {name} | " + " | ".join(f"{m[k]:.2f}" if k == "hd95" else f"{m[k]:.4f}" for k in _TABLE_COLUMNS) + " |"
         for name, m in [*result["per_class"].items(), ("mean", result["mean"])]
     ]
     return "\n".join([header, *rows])

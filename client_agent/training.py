@@ -31,6 +31,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+# The one list of metric names (model.metrics uses it too), without importing MONAI here.
+from protos.fedsegnet.v1.local_metrics import SEGMENTATION_METRIC_NAMES as METRIC_NAMES
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -51,8 +54,6 @@ __all__ = [
     "train_epoch",
     "train_local",
 ]
-
-METRIC_NAMES = ("dice", "iou", "hd95", "precision", "recall")
 
 
 class TrainingError(RuntimeError):

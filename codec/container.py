@@ -134,19 +134,25 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+def atomic_writer(path: str | os.PathLike[str], *, mode: int | None = None) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces ``path`` atomically when the block exits without error.
 
     The one atomic write of the project: a temporary file in the same directory
     (``.NAME.*.tmp``) is fsynced, renamed over ``path`` and the directory fsynced, so readers
     (and a crash) see either the old file or the new one, never a mix; an error removes the
     temporary file. A crash can still leave one behind: see :func:`remove_temporaries`.
+
+    ``mode`` sets the new file's permission bits (umask not applied) before anything is written;
+    without it the file keeps the temporary file's 0o600 (owner only). A private key is
+    therefore never readable by others, not even while it is being written.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -172,14 +178,14 @@ def remove_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, mode: int | None = None) -> None:
     """Replace ``path`` with ``text`` (UTF-8) atomically (see :func:`atomic_writer`)."""
-    atomic_write_bytes(path, text.encode())
+    atomic_write_bytes(path, text.encode(), mode=mode)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int | None = None) -> None:
     """Replace ``path`` with ``data`` atomically (see :func:`atomic_writer`)."""
-    with atomic_writer(path) as fh:
+    with atomic_writer(path, mode=mode) as fh:
         fh.write(data)
 
 

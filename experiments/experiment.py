@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
 from aggregator_service.config import read_config_tables
+from codec import atomic_write_text
 from experiments.simulate import DEFAULT_CONFIG, RoundRow, dump_toml, run_simulation
+from protos.fedsegnet.v1.local_metrics import SEGMENTATION_METRIC_NAMES
 
 COMPRESSED = {"top_k_fraction": 0.01, "quantization": "int8", "zstd_level": 3}
 TOP10 = {"top_k_fraction": 0.1, "quantization": "int8", "zstd_level": 3}
@@ -264,7 +266,7 @@ def run_experiment(
     table = render_table(name, runs)
     (out / "table.md").write_text(table)
     summary = {m: summarize(r) for m, r in runs.items()}
-    (out / "summary.json").write_text(json.dumps({"experiment": name, "scale": scale, "methods": summary}, indent=1))
+    atomic_write_text(out / "summary.json", json.dumps({"experiment": name, "scale": scale, "methods": summary}, indent=1))
     from experiments.plots import plot_runs
 
     plots = plot_runs({METHODS[m].label: rows_of(r) for m, r in runs.items()}, out)
@@ -309,11 +311,11 @@ def _run_method(
     record = {"method": method, "label": METHODS[method].label, "config_digest": digest,
               "wall_seconds": wall_before + time.monotonic() - started, **result.to_json()}
     if not result.finished:
-        partial_path.write_text(json.dumps(record, indent=1))
+        atomic_write_text(partial_path, json.dumps(record, indent=1))
         stream.write(f"[{tag}] {method}: stopped after round {len(result.rows)} (time limit); "
                      "run the same command again to resume\n")
         return None
-    saved.write_text(json.dumps(record, indent=1))
+    atomic_write_text(saved, json.dumps(record, indent=1))
     partial_path.unlink(missing_ok=True)
     return record
 
@@ -336,7 +338,7 @@ def summarize(record: Mapping[str, Any]) -> dict[str, Any]:
     dense = sum(r.dense_bytes_up for r in rows)
     summary: dict[str, Any] = {
         "label": record["label"],
-        **{k: last.global_metrics[k] for k in ("dice", "iou", "hd95", "precision", "recall")},
+        **{k: last.global_metrics[k] for k in SEGMENTATION_METRIC_NAMES},
         "rounds": len(rows),
         "mb_up_per_round": up / len(rows) / 1e6,
         "mb_up_total": up / 1e6,

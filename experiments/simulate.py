@@ -27,6 +27,8 @@ from typing import Any, Mapping, Sequence, TextIO
 from aggregator_service.config import FederationConfig, parse_federation_config, read_config_tables
 from aggregator_service.launcher import AggregatorProcess
 from client_agent.init_model import write_initial_model
+from codec import atomic_write_text
+from protos.fedsegnet.v1.local_metrics import SEGMENTATION_METRIC_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -352,13 +354,10 @@ class GlobalEvaluator:
         net.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
         scores = evaluate(net, self.dataset, device=self.device, num_classes=m.out_channels,
                           region_fn=self.region_fn)
-        out = {k: float(scores[k]) for k in METRICS}
+        out = {k: float(scores[k]) for k in SEGMENTATION_METRIC_NAMES}
         for region, values in scores.get("regions", {}).items():
-            out.update({f"{region}/{k}": float(values[k]) for k in METRICS if k in values})
+            out.update({f"{region}/{k}": float(values[k]) for k in SEGMENTATION_METRIC_NAMES if k in values})
         return out
-
-
-METRICS = ("dice", "iou", "hd95", "precision", "recall")
 
 
 @dataclass
@@ -538,7 +537,7 @@ def run_simulation(
         result.real_scans = score_real_scans(federation, sim.spacing_mm, result.final_model, workdir / "real-scans",
                                              held_out_dice=result.rows[-1].global_metrics["dice"], stream=stream)
     result.seconds = time.monotonic() - started
-    (workdir / "summary.json").write_text(json.dumps(result.to_json(), indent=1))
+    atomic_write_text(workdir / "summary.json", json.dumps(result.to_json(), indent=1))
     return result
 
 

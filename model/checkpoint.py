@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from codec import atomic_writer
 from model.registry import build_model
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "check_state_dict", "save_checkpoint", "load_checkpoint"]
@@ -78,31 +78,6 @@ def check_state_dict(architecture: str, config: Mapping[str, Any], state: Mappin
             )
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # fsync the directory so the rename itself survives a crash.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories; the data itself is already synced
-    finally:
-        os.close(dir_fd)
-
-
 def save_checkpoint(
     path: str | os.PathLike[str],
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
@@ -139,7 +114,8 @@ def save_checkpoint(
         # clone(): a view into a larger storage would otherwise save the whole storage
         "state_dict": {k: v.detach().cpu().clone().contiguous() for k, v in state.items()},
     }
-    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+    with atomic_writer(path) as f:
+        torch.save(payload, f)
 
 
 def _with_design_of_old_checkpoint(architecture: str, config: dict[str, Any], state: Mapping[str, Any]) -> dict[str, Any]:

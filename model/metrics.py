@@ -29,9 +29,13 @@ import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance, get_confusion_matrix
 
+from protos.fedsegnet.v1.local_metrics import SEGMENTATION_METRIC_NAMES
+
 __all__ = ["METRIC_NAMES", "segmentation_metrics", "volume_diagonal_mm"]
 
-METRIC_NAMES: tuple[str, ...] = ("dice", "iou", "hd95", "precision", "recall")
+# The one list of the segmentation metrics' names: the validation fields of the wire's
+# LocalMetrics, so what a site computes is by construction what it may report.
+METRIC_NAMES: tuple[str, ...] = SEGMENTATION_METRIC_NAMES
 
 
 def volume_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:

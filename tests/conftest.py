@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,30 @@ def mni_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tmp_path_factory.mktemp("mni-site"), sites=1, cases_per_site=(3,), test_cases=1, size=32, seed=1
     )
     return data.site_dirs[0]
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A federation CA with a server certificate for localhost / 127.0.0.1 and sites a, b and c.
+
+    Made once per session; tests must not modify it (copy it first).
+    """
+    from aggregator_service import certs
+
+    root = tmp_path_factory.mktemp("pki")
+    certs.init_ca(root)
+    certs.issue_server(root, ["localhost"], ip_addresses=["127.0.0.1"])
+    for site in ("a", "b", "c"):
+        certs.issue_site(root, site)
+    return root
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch with one intra-op thread: on a few shared cores more threads only add contention."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

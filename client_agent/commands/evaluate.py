@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from client_agent.commands.options import add_model_arguments, label_map_arg, size_arg
@@ -26,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from client_agent.inference import evaluate_model, format_metrics_table, load_model
+    from codec import atomic_write_text
 
     loaded = load_model(args.model, config_path=args.config, device=args.device, label_map=args.label_map)
     roi = size_arg("--roi", args.roi) if args.roi else None
@@ -34,9 +34,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_metrics_table(result))
     if args.json:
         out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
     return 0

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from client_agent.data.discover import Case
 from client_agent.data.errors import DataError
 from client_agent.data.preprocess import PreprocessConfig, Volume, preprocess_case
+from codec import atomic_writer
 
 logger = logging.getLogger(__name__)
 
@@ -114,14 +114,8 @@ def _safe_name(case_id: str) -> str:
 
 
 def _write_npz(path: Path, volume: Volume) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, image=volume.image, label=volume.label, spacing=np.asarray(volume.spacing, dtype=np.float64))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:
+        np.savez(f, image=volume.image, label=volume.label, spacing=np.asarray(volume.spacing, dtype=np.float64))
 
 
 def _read_npz(path: Path) -> Volume | None:

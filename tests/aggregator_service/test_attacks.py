@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -22,8 +19,10 @@ import pytest
 
 import aggregator_service
 import codec
+from aggregator_service.launcher import AggregatorProcess
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc
+from support import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -41,53 +40,36 @@ def federation_toml(sites: tuple[str, ...] = ("a", "b"), *, clients: int = 2, st
             f"round_timeout_s = {timeout_s}\nsites = [{names}]\n[aggregation]\nstrategy = \"{strategy}\"\n")
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 class Aggregator:
-    """``python -m aggregator_service.server`` on a store in ``root`` (plaintext, loopback, port 0)."""
+    """``python -m aggregator_service.server`` on a store in ``root`` (loopback, port 0), started with
+    the one launcher; plaintext unless ``args`` name a TLS certificate."""
 
     def __init__(self, root: Path, toml: str, model: Mapping[str, np.ndarray] = MODEL, *args: str,
-                 env: Mapping[str, str] | None = None) -> None:
-        self.root = root
-        # Limits go in as environment variables: a release without them starts (and shows the attack).
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+                 env: Mapping[str, str] | None = None, metrics_listen: str = "off") -> None:
         self.credentials: grpc.ChannelCredentials | None = None
         root.mkdir(parents=True, exist_ok=True)
         (root / "federation.toml").write_text(toml)
-        self.initial = root / "initial.frames"
-        codec.save_tensors(self.initial, model.items())
-        self.args = list(args)
-        self.proc: subprocess.Popen[bytes] | None = None
+        initial = root / "initial.frames"
+        codec.save_tensors(initial, model.items())
+        self.process = AggregatorProcess(
+            config=root / "federation.toml", store=root / "store", initial_model=initial,
+            log_path=root / "aggregator.log", port_file=root / "port", metrics_listen=metrics_listen,
+            log_level="INFO", extra_args=[*([] if "--tls-cert" in args else ["--insecure"]), *args],
+            # Limits go in as environment variables: a release without them starts (and shows the attack).
+            env={**os.environ, **(env or {})}, cwd=REPO,
+        )
         self.channel: grpc.Channel | None = None
-        self.starts = 0
 
     @property
     def store(self) -> Path:
-        return self.root / "store"
+        return self.process.store
 
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "aggregator_service.server", "--config", str(self.root / "federation.toml"),
-                "--store", str(self.store), "--initial-model", str(self.initial), "--listen", "127.0.0.1:0",
-                "--port-file", str(self.root / "port"), "--log-level", "INFO",
-                *(["--insecure"] if "--tls-cert" not in self.args else []),
-                *(["--metrics-listen", "off"] if "--metrics-listen" not in self.args else []), *self.args]
+    @property
+    def port(self) -> int:
+        return self.process.port
 
     def start(self) -> Aggregator:
-        (self.root / "port").unlink(missing_ok=True)
-        self.starts += 1
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.env)
-        proc = self.proc
-        wait_for(lambda: (self.root / "port").exists() or proc.poll() is not None, "the aggregator to serve")
-        assert proc.poll() is None, self.log()
-        self.port = int((self.root / "port").read_text())
+        self.process.start()
         self.channel = self.connect()
         return self
 
@@ -99,29 +81,24 @@ class Aggregator:
 
     def start_fails(self) -> str:
         """Start, expecting the process to refuse (exit 2); its output."""
-        done = subprocess.run(self.command(), cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
-                              env=self.env)
+        done = self.process.run_to_exit(timeout_s=60)
         assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
         return done.stderr
 
-    @property
-    def log_path(self) -> Path:
-        return self.root / f"aggregator-{self.starts}.log"
-
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        """What the process wrote, over all its starts."""
+        return self.process.log_path.read_text(errors="replace")
 
     def stub(self) -> pb_grpc.AggregatorServiceStub:
         assert self.channel is not None
         return pb_grpc.AggregatorServiceStub(self.channel)
 
     def stop(self) -> None:
+        """Kill the process (as a crash would): the tests restart on what the store holds."""
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+        self.process.kill()
 
     # -- what an honest (or not) site sends ------------------------------------------------------
     def submit(self, site: str, deltas: Mapping[str, np.ndarray], *, round_id: int = 1, sample_count: int = 10,
@@ -147,8 +124,9 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Aggregator]]:
     started: list[Aggregator] = []
 
     def make(toml: str, *args: str, model: Mapping[str, np.ndarray] = MODEL, start: bool = True,
-             env: Mapping[str, str] | None = None) -> Aggregator:
-        aggregator = Aggregator(tmp_path / f"agg{len(started)}", toml, model, *args, env=env)
+             env: Mapping[str, str] | None = None, metrics_listen: str = "off") -> Aggregator:
+        aggregator = Aggregator(tmp_path / f"agg{len(started)}", toml, model, *args, env=env,
+                                metrics_listen=metrics_listen)
         started.append(aggregator)
         return aggregator.start() if start else aggregator
 
@@ -526,18 +504,18 @@ def test_idle_metrics_connections_cannot_take_the_servers_threads(launch) -> Non
     from aggregator_service.server import _parser
 
     assert _parser().parse_args([]).metrics_listen.startswith("127.0.0.1:")
-    aggregator = launch(federation_toml(clients=1), "--metrics-listen", "127.0.0.1:0")
+    aggregator = launch(federation_toml(clients=1), metrics_listen="127.0.0.1:0")
     port = int(aggregator.log().split("Prometheus metrics on port ")[1].split()[0])
-    assert aggregator.proc is not None
-    before = threads_of(aggregator.proc.pid)
+    assert aggregator.process.running
+    before = threads_of(aggregator.process.pid)
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(150)]
     try:
         time.sleep(1.0)
-        assert threads_of(aggregator.proc.pid) - before <= 8 + 2
+        assert threads_of(aggregator.process.pid) - before <= 8 + 2
         aggregator.submit("a", small(0.1), timeout=5)  # honest uploads still get threads
     finally:
         for connection in idle:
             connection.close()
-    wait_for(lambda: threads_of(aggregator.proc.pid) <= before + 2, "the metrics threads to end", 10)
+    wait_for(lambda: threads_of(aggregator.process.pid) <= before + 2, "the metrics threads to end", 10)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         assert b"fedseg_submissions_total 1" in response.read()

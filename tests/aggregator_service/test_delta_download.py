@@ -206,6 +206,7 @@ def model_bytes(path: Path) -> int:
     return sum(len(f) for f in downloads.iter_frames(path))
 
 
+@pytest.mark.slow  # a whole 2-round federation (the module-scoped fixture)
 def test_rounds_after_the_first_download_a_delta_from_the_previous_round(sparse_federation):
     run = sparse_federation[1]
 
@@ -215,6 +216,7 @@ def test_rounds_after_the_first_download_a_delta_from_the_previous_round(sparse_
     assert got == [(1, 0), (2, 1)]
 
 
+@pytest.mark.slow  # a whole 2-round federation (the module-scoped fixture)
 def test_a_delta_download_costs_a_fraction_of_the_full_model(sparse_federation):
     fed, run, _, _ = sparse_federation
     sent = {e["round"]: e["bytes"] for e in run.events("download")}
@@ -223,12 +225,14 @@ def test_a_delta_download_costs_a_fraction_of_the_full_model(sparse_federation):
     assert sent[1] == model_bytes(fed.store.model_path(1))
 
 
+@pytest.mark.slow  # a whole 2-round federation (the module-scoped fixture)
 def test_the_rebuilt_models_are_byte_identical_to_the_stores(sparse_federation):
     fed, _, state, _ = sparse_federation
 
     assert (state / "global-0002.frames").read_bytes() == fed.store.model_path(2).read_bytes()
 
 
+@pytest.mark.slow  # a whole 2-round federation (the module-scoped fixture)
 def test_bytes_out_and_the_rounds_reported_bytes_count_what_was_sent(sparse_federation):
     fed, run, _, bytes_out = sparse_federation
     sent = {e["round"]: e["bytes"] for e in run.events("download")}
@@ -250,6 +254,7 @@ def download_holding(fed, held_round: int, round_id: int, dest: Path):
         client.close()
 
 
+@pytest.mark.slow  # a whole 2-round federation (the module-scoped fixture)
 def test_a_site_holding_an_older_round_than_the_previous_gets_the_full_model(sparse_federation, tmp_path):
     # Deltas come only from the previous round (a delta per pair of rounds grew the store as R²).
     fed = sparse_federation[0]
@@ -264,6 +269,7 @@ def raw_download(target: str, **request) -> list[pb.DownloadModelResponse]:
         return list(pb_grpc.AggregatorServiceStub(channel).DownloadModel(pb.DownloadModelRequest(**request), timeout=60))
 
 
+@pytest.mark.slow  # a whole 2-round federation (the module-scoped fixture)
 @pytest.mark.parametrize("have_round", [0, 3, 4, 1000])
 def test_a_request_without_an_older_round_gets_the_full_model(sparse_federation, have_round):
     fed = sparse_federation[0]
@@ -275,6 +281,7 @@ def test_a_request_without_an_older_round_gets_the_full_model(sparse_federation,
     assert chunks[0].model_digest == rounds.read_manifest(fed.store, 3).digest
 
 
+@pytest.mark.slow  # a whole 2-round federation (the module-scoped fixture)
 def test_a_delta_response_says_its_base_and_the_full_models_digest(sparse_federation):
     fed = sparse_federation[0]
 
@@ -293,6 +300,7 @@ def corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow  # a whole 2-round federation (the module-scoped fixture)
 def test_a_base_that_lies_about_its_digest_falls_back_to_the_full_model(sparse_federation, tmp_path, caplog):
     # The site claims the true digest for a damaged file: the aggregator sends the delta, the
     # rebuild fails its checks, and the agent downloads the full model instead.
@@ -314,6 +322,7 @@ def test_a_base_that_lies_about_its_digest_falls_back_to_the_full_model(sparse_f
     assert "delta from round 2 unusable" in caplog.text
 
 
+@pytest.mark.slow  # a whole 2-round federation (the module-scoped fixture)
 def test_a_damaged_delta_cache_is_recomputed_and_still_rebuilds_the_model(sparse_federation, tmp_path):
     fed = sparse_federation[0]
     frames, _ = downloads.delta_paths(fed.store, 2, 3)
@@ -326,6 +335,7 @@ def test_a_damaged_delta_cache_is_recomputed_and_still_rebuilds_the_model(sparse
     assert frames.read_bytes() == good
 
 
+@pytest.mark.slow  # a whole 2-round federation (the module-scoped fixture)
 def test_an_agent_whose_model_was_damaged_on_disk_gets_the_full_model(sparse_federation, tmp_path):
     # The agent hashes the model it holds: a damaged file has another digest than the store's
     # round 2 model, so the aggregator sends round 3 in full (no delta is wasted on it).

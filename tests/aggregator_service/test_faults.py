@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import grpc
 import pytest
@@ -43,6 +43,7 @@ from numpy_federation import (
 )
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc
+from support import wait_for
 
 # Every test here starts processes (make test-fast leaves them out).
 pytestmark = pytest.mark.slow
@@ -53,14 +54,6 @@ INITIAL = model()
 SITES = ("a", "b", "c")
 KILL_RUNS = 20
 MAX_KILL_DELAY_S = 0.3
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +165,7 @@ def test_aggregator_killed_at_random_points_ends_with_the_same_global_model(tmp_
             # after a random delay from the restart.
             if run % 2:
                 k = rng.randint(0, 3 * len(SITES) - 1)
-                wait_for(lambda: committed(root / "store") >= k, f"{k} committed updates")
+                wait_for(lambda: committed(root / "store") >= k, f"{k} committed updates", poll_s=0.005)
                 kill_and_restart(aggregator, rng.uniform(0, 0.02), phases)
             kill_and_restart(aggregator, rng.uniform(0, MAX_KILL_DELAY_S), phases)
             for t in threads:

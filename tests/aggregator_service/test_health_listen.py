@@ -36,15 +36,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pki")
-    certs.init_ca(root)
-    certs.issue_server(root, ["localhost"], ip_addresses=["127.0.0.1"])
-    certs.issue_site(root, "a")
-    return root
-
-
 def _aggregator(root: Path) -> Aggregator:
     initial = root / "initial.frames"
     codec.save_tensors(initial, list(model().items()))

@@ -10,7 +10,6 @@ rounds (min_clients = max_clients = 2, so an accepted bad upload would change th
 from __future__ import annotations
 
 import threading
-import time
 import zlib
 from pathlib import Path
 from typing import Callable, Iterator
@@ -37,6 +36,7 @@ from numpy_federation import (
     upload_requests,
 )
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
+from support import wait_for
 
 INITIAL = model(big=True)
 CFG = config()
@@ -278,14 +278,6 @@ def test_upload_that_never_ends_is_cut_off_at_the_stream_time_limit(tmp_path: Pa
     finally:
         release.set()
         served.stop()
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def test_a_site_over_its_stream_limit_is_told_to_retry_later(tmp_path: Path, reference: bytes) -> None:

@@ -54,16 +54,6 @@ CFG = config()
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pki")
-    certs.init_ca(root)
-    certs.issue_server(root, ["localhost"], ip_addresses=["127.0.0.1"])
-    for site in ("a", "b", "c"):
-        certs.issue_site(root, site)
-    return root
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return reference_model(tmp_path_factory.mktemp("reference"), CFG, INITIAL, honest=("a", "b"))
 

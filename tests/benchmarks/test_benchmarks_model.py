@@ -20,6 +20,7 @@ import train_speed  # noqa: E402
 MODELS = ["transformer_unet", "unet", "unetr", "swin_unetr"]
 
 
+@pytest.mark.slow  # builds every network at full size
 def test_flops_only_counts_every_network_and_ends_with_the_json_line(capsys: pytest.CaptureFixture[str]) -> None:
     # 64³ batch 1 (SwinUNETR needs multiples of 32 and more than one voxel at its deepest level);
     # counted on the meta device, so the size costs nothing but the count changes with it.
@@ -76,6 +77,7 @@ def test_round_timings_split_each_round_from_the_agents_json_logs(tmp_path: Path
                         "site_round": 9.0, "close": 0.25}]
 
 
+@pytest.mark.slow  # starts a process
 def test_gpu_record_reports_missing_packages_and_stops_fast(tmp_path: Path) -> None:
     # An interpreter without torch (the system's, or an empty venv): status 3 naming what is missing.
     bare = Path("/usr/bin/python3")

@@ -13,9 +13,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,20 +37,13 @@ from client_agent.reporting import tensorboard_available
 from client_agent.transport import AggregatorClient
 from fault_proxy import FaultProxy
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
+from support import wait_for
 
 # Every test here starts processes (make test-fast leaves them out).
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SITE = "site-a"
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def pending_digest(state_dir: Path, round_id: int) -> str:

@@ -25,6 +25,7 @@ from model import DiceCELoss
 LR = 0.05
 
 
+@pytest.mark.slow  # a whole federation round
 def test_a_site_trains_with_the_optimizer_the_federation_configures(mni_site: Path, tmp_path: Path) -> None:
     base = federation_config()
     config = dataclasses.replace(

@@ -18,6 +18,7 @@ from client_agent.inference import evaluate_model, load_model, segment_file
 from fedseg.cli import main as fedseg_main
 from experiments.sitedata import generate_federation
 from model import load_checkpoint
+from support import federation_toml
 
 SIZE = 32
 TINY = {"channels": [4, 8, 16], "num_transformer_layers": 1, "num_heads": 2}
@@ -155,12 +156,8 @@ def test_evaluate_cli_prints_table_and_writes_json(trained, fed, tmp_path: Path,
 
 
 def write_federation_toml(path: Path, *, channels: list[int]) -> Path:
-    path.write_text(
-        "[simulation]\nsites = 1\n\n"  # a fedseg simulate TOML: its [simulation] section is ignored
-        "[federation]\nmin_clients = 1\nmax_clients = 1\n\n"
-        f'[model]\narchitecture = "transformer_unet"\nin_channels = 1\nout_channels = 4\nimg_size = [{SIZE}, {SIZE}, {SIZE}]\n'
-        f"[model.options]\nchannels = {channels}\nnum_transformer_layers = 1\nnum_heads = 2\n"
-    )
+    # A fedseg simulate TOML: its [simulation] section is ignored.
+    path.write_text("[simulation]\nsites = 1\n\n" + federation_toml(img_size=SIZE, channels=channels))
     return path
 
 

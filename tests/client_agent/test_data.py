@@ -607,6 +607,7 @@ def test_loader_order_is_reproducible_from_seed(tmp_path: Path) -> None:
     assert sorted(order(0)) == sorted(c.case_id for c in site.train.cases)
 
 
+@pytest.mark.slow  # starts DataLoader worker processes
 def test_worker_augmentation_is_reproducible_from_seed(tmp_path: Path) -> None:
     root = make_paired(tmp_path, ["a", "b", "c", "d", "e"])
     aug = AugmentConfig(affine_prob=1.0, elastic_prob=0.0)

@@ -19,6 +19,7 @@ from client_agent.export import ONNX_ATOL, ExportError, export_model
 from client_agent.inference import load_model, segment_file
 from fedseg.cli import main as fedseg_main
 from model import build_model, save_checkpoint
+from support import federation_toml
 
 CONFIG = {"in_channels": 1, "out_channels": 3, "img_size": [32, 32, 32], "channels": [4, 8, 16],
           "num_transformer_layers": 1, "num_heads": 2}
@@ -71,6 +72,7 @@ def test_bundle_runs_under_monai_to_the_mask_fedseg_segment_writes(loaded, tmp_p
     np.testing.assert_allclose(theirs.affine, ours.affine, atol=1e-5)
 
 
+@pytest.mark.slow  # traces the network
 def test_bundle_layout_and_metadata(loaded, tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     export_model(loaded, "bundle", bundle, channel_names=["T1"], class_names=["background", "grey", "white"])
@@ -88,6 +90,7 @@ def test_bundle_layout_and_metadata(loaded, tmp_path: Path) -> None:
         torch.testing.assert_close(torch.jit.load(str(bundle / "models" / "model.ts"))(x), loaded.net(x), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # traces the network
 def test_torchscript_matches_the_eager_network(loaded, tmp_path: Path) -> None:
     result = export_model(loaded, "torchscript", tmp_path / "ts")
 
@@ -124,7 +127,7 @@ class _DataDependent(nn.Module):
         return -self.conv(x)
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=pytest.mark.slow)])  # ONNX: ~20 s
 def test_an_unexportable_network_is_refused_and_nothing_written(fmt: str, tmp_path: Path) -> None:
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
@@ -154,11 +157,7 @@ def test_cli_wrong_config_for_a_frames_model(loaded, tmp_path: Path, capsys: pyt
     frames = tmp_path / "global.frames"
     codec.save_tensors(frames, ((k, v.detach().numpy()) for k, v in loaded.net.state_dict().items()), codec.LOSSLESS)
     other = tmp_path / "federation.toml"
-    other.write_text(
-        "[federation]\nmin_clients = 1\nmax_clients = 1\n\n"
-        '[model]\narchitecture = "transformer_unet"\nin_channels = 1\nout_channels = 3\nimg_size = [32, 32, 32]\n'
-        "[model.options]\nchannels = [8, 16, 32]\nnum_transformer_layers = 1\nnum_heads = 2\n"
-    )
+    other.write_text(federation_toml(out_channels=3, img_size=32, channels=(8, 16, 32)))
 
     rc = fedseg_main(["export", "--model", str(frames), "--config", str(other), "--format", "torchscript",
                       "--out", str(tmp_path / "ts")])

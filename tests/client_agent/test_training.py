@@ -113,6 +113,7 @@ def test_seed_everything_makes_draws_repeat() -> None:
 # ---------------------------------------------------------------- training
 
 
+@pytest.mark.slow  # trains for many steps
 def test_train_local_reduces_the_loss() -> None:
     model = tiny_model()
     batches = synthetic_batches(4)
@@ -126,6 +127,7 @@ def test_train_local_reduces_the_loss() -> None:
     assert result.seconds > 0 and result.volumes_per_s > 0
 
 
+@pytest.mark.slow  # trains for many steps
 def test_epochs_stepped_one_by_one_train_exactly_as_train_local() -> None:
     # Centralized training steps train_epoch itself between validations: the same loop, the same weights.
     batches = synthetic_batches(4)
@@ -142,6 +144,7 @@ def test_epochs_stepped_one_by_one_train_exactly_as_train_local() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # trains for many steps
 def test_fedprox_with_huge_mu_keeps_weights_near_the_global_model() -> None:
     batches = synthetic_batches(4)
     free, prox = tiny_model(), tiny_model()
@@ -220,6 +223,7 @@ def top_share(before: dict[str, torch.Tensor], model: nn.Module, fraction: float
     return float(energy[: math.ceil(fraction * energy.numel())].sum() / energy.sum())
 
 
+@pytest.mark.slow  # trains for many steps
 def test_sgd_with_momentum_reduces_the_loss() -> None:
     model = tiny_model()
     batches = synthetic_batches(4)

@@ -100,6 +100,7 @@ def test_random_bytes_are_refused(data):
         codec.read_header(data)
 
 
+@pytest.mark.slow  # 150 examples
 @settings(max_examples=150, deadline=None)
 @given(st.sampled_from(FRAMES), st.data())
 def test_any_header_bytes_with_a_valid_checksum_are_refused_or_read_back_canonically(frame, data):

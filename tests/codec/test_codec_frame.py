@@ -69,6 +69,7 @@ def headers(draw: st.DrawFn) -> FrameHeader:
     )
 
 
+@pytest.mark.slow  # 300 examples
 @settings(max_examples=300, deadline=None)
 @given(headers())
 def test_a_header_reads_back_as_written(header):

@@ -196,6 +196,7 @@ def mutate(frames: list[bytes], data: st.DataObject) -> list[bytes]:
 # the codec decoder
 
 
+@pytest.mark.slow  # the largest fuzz budget of the suite
 @SETTINGS
 @given(data=st.data())
 def test_decoder_refuses_mutated_streams_with_codec_error_only(data: st.DataObject) -> None:
@@ -212,6 +213,7 @@ def test_decoder_refuses_mutated_streams_with_codec_error_only(data: st.DataObje
         assert isinstance(array, np.ndarray) and array.nbytes <= 1 << 20, name
 
 
+@pytest.mark.slow  # a fuzz budget
 @SETTINGS
 @given(blob=st.binary(max_size=4096))
 def test_decoder_refuses_arbitrary_bytes_with_codec_error_only(blob: bytes) -> None:
@@ -247,6 +249,7 @@ headers = st.builds(
 )
 
 
+@pytest.mark.slow  # a fuzz budget
 @SETTINGS
 @given(data=st.data())
 def test_spool_update_refuses_mutated_uploads_with_aggregator_errors_only(store: Store, data: st.DataObject) -> None:

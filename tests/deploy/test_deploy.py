@@ -42,6 +42,7 @@ def _as_unprivileged_user() -> list[str]:
     return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
+@pytest.mark.slow  # starts a process
 def test_smoke_script_skips_with_a_reason_when_not_root() -> None:
     # nobody may not be able to read the clone (a checkout under /root is mode 0700): run a copy
     # from a folder anyone can read.
@@ -60,6 +61,7 @@ def test_smoke_script_skips_with_a_reason_when_not_root() -> None:
     assert result.stdout.startswith("SKIP: deploy smoke test: needs root")
 
 
+@pytest.mark.slow  # starts a process
 @pytest.mark.parametrize("argument", ["--online", "scheduler", "-x"])
 def test_build_script_refuses_an_unknown_argument(argument: str) -> None:
     result = subprocess.run(["bash", str(SCRIPTS / "build-images.sh"), argument],
@@ -68,6 +70,7 @@ def test_build_script_refuses_an_unknown_argument(argument: str) -> None:
     assert f"unknown argument {argument}" in result.stderr
 
 
+@pytest.mark.slow  # starts a process
 def test_podman_variant_command_writes_the_init_pod_the_rest_and_the_volumes(tmp_path: Path) -> None:
     yaml = pytest.importorskip("yaml")
     init, volumes = tmp_path / "init.yaml", tmp_path / "volumes.txt"
@@ -89,6 +92,7 @@ def test_podman_variant_command_writes_the_init_pod_the_rest_and_the_volumes(tmp
     ]
 
 
+@pytest.mark.slow  # starts a process
 def test_podman_variant_refuses_a_site_without_its_folder(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / "podman_variant.py"), "--workdir", str(tmp_path), "--grpc-port", "1",

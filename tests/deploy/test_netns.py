@@ -4,9 +4,9 @@ Each process runs in a Linux network namespace of its own with one address (10.2
 aggregator, .2 and .3 for the sites), joined to the others only through a bridge in a fourth
 namespace, so the agents reach the aggregator over a real (virtual) network with mutual TLS, as
 separate machines would; nothing listens on or talks to the host's interfaces. The private
-addresses exist only inside the namespaces this test creates and deletes. One round of the tiny
-federation of tests/experiments/test_federation.py, as real processes (``aggregator-service`` and
-``client-agent`` entry points). Needs root (``ip netns``); skipped otherwise.
+addresses exist only inside the namespaces this test creates and deletes. One round of a tiny
+federation (tests/support.py), as real processes (the aggregator started by the one launcher, under
+``ip netns exec``, and ``client-agent``). Needs root (``ip netns``); skipped otherwise.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from aggregator_service.launcher import AggregatorProcess
+from support import federation_toml
 
 pytestmark = [
     pytest.mark.slow,
@@ -33,31 +35,10 @@ SUBNET = "10.200.0"  # only inside the namespaces made here
 HOSTS = {"aggregator": 1, "site-a": 2, "site-b": 3}
 PORT = 50051
 
-FEDERATION_TOML = """\
-[federation]
-id = "netns"
-rounds = 1
-min_clients = 2
-max_clients = 2
-sites = ["site-a", "site-b"]
-
-[training]
-local_epochs = 1
-learning_rate = 1e-3
-batch_size = 2
-seed = 3
-
-[model]
-architecture = "transformer_unet"
-in_channels = 1
-out_channels = 4
-img_size = [32, 32, 32]
-
-[model.options]
-channels = [8, 16, 32]
-num_transformer_layers = 1
-num_heads = 2
-"""
+FEDERATION_TOML = federation_toml(
+    federation_id="netns", sites=("site-a", "site-b"), img_size=32,
+    training={"local_epochs": 1, "learning_rate": 1e-3, "batch_size": 2, "seed": 3},
+)
 
 
 def _ip(*args: str) -> None:
@@ -122,44 +103,41 @@ def three_host_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         _certs(pki, "site", site)
     tls = ["--tls-ca", str(pki / "ca.crt")]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    logs = {name: (root / f"{name}.log").open("w") for name in HOSTS}
-    processes: dict[str, subprocess.Popen] = {}
+    logs = {site: (root / f"{site}.log").open("w") for site in ("site-a", "site-b")}
+    aggregator: AggregatorProcess | None = None
+    sites: dict[str, subprocess.Popen] = {}
     try:
         with network(str(os.getpid())) as ns:
-            port_file = root / "port"
-            processes["aggregator"] = subprocess.Popen(
-                _in(ns["aggregator"], sys.executable, "-m", "aggregator_service.server",
-                    "--config", root / "federation.toml", "--store", root / "store", "--initial-model", initial,
-                    "--listen", f"{SUBNET}.{HOSTS['aggregator']}:{PORT}", "--metrics-listen", "off",
-                    "--port-file", port_file, "--tls-cert", pki / "server" / "aggregator.crt",
-                    "--tls-key", pki / "server" / "aggregator.key", *tls),
-                stdout=logs["aggregator"], stderr=subprocess.STDOUT, env=env, cwd=root,
-            )
-            deadline = time.monotonic() + 60
-            while not port_file.exists():
-                assert processes["aggregator"].poll() is None, (root / "aggregator.log").read_text()
-                assert time.monotonic() < deadline, "the aggregator did not start within 60 s"
-                time.sleep(0.2)
+            aggregator = AggregatorProcess(
+                config=root / "federation.toml", store=root / "store", initial_model=initial,
+                log_path=root / "aggregator.log", host=f"{SUBNET}.{HOSTS['aggregator']}", port=PORT,
+                port_file=root / "port", wrapper=["ip", "netns", "exec", ns["aggregator"]], cwd=root,
+                extra_args=["--tls-cert", str(pki / "server" / "aggregator.crt"),
+                            "--tls-key", str(pki / "server" / "aggregator.key"), *tls],
+                start_timeout_s=60,
+            ).start()
             for site, folder in zip(("site-a", "site-b"), data.site_dirs):
-                processes[site] = subprocess.Popen(
+                sites[site] = subprocess.Popen(
                     _in(ns[site], sys.executable, "-m", "client_agent.cli",
-                        "--data", folder, "--aggregator", f"{SUBNET}.{HOSTS['aggregator']}:{PORT}", "--site", site,
+                        "--data", folder, "--aggregator", aggregator.target, "--site", site,
                         "--state-dir", root / "states" / site, "--device", "cpu", "--augment", "no",
                         "--val-fraction", "0.34", "--log-format", "json",
                         "--tls-cert", pki / "sites" / f"{site}.crt", "--tls-key", pki / "sites" / f"{site}.key", *tls),
                     stdout=logs[site], stderr=subprocess.STDOUT, env=env, cwd=root,
                 )
-            codes = {site: processes[site].wait(timeout=600) for site in ("site-a", "site-b")}
+            codes = {site: process.wait(timeout=600) for site, process in sites.items()}
             yield {"root": root, "codes": codes, "namespaces": ns,
                    "logs": {name: (root / f"{name}.log") for name in HOSTS}}
     finally:
-        for process in processes.values():
+        for process in sites.values():
             if process.poll() is None:
                 process.terminate()
                 try:
                     process.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     process.kill()
+        if aggregator is not None:
+            aggregator.stop()
         for log in logs.values():
             log.close()
 

@@ -23,6 +23,8 @@ from experiments.sitedata import generate_federation
 from protos.fedsegnet.v1 import aggregator_pb2 as pb
 from protos.fedsegnet.v1 import aggregator_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.slow  # a whole federation round: two agents train
+
 TINY_MODEL = ModelConfig(
     architecture="transformer_unet",
     in_channels=1,

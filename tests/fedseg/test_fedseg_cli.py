@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fedseg.cli import COMMANDS, main
+from support import federation_toml
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCKED = ("torch", "monai", "nibabel", "scipy")
@@ -41,28 +42,7 @@ print("LOADED " + json.dumps(loaded))
 sys.exit(code)
 """
 
-TINY_FEDERATION = """\
-[federation]
-id = "cli"
-rounds = 1
-min_clients = 1
-max_clients = 1
-sites = ["site-1"]
-
-[training]
-seed = 3
-
-[model]
-architecture = "transformer_unet"
-in_channels = 1
-out_channels = 2
-img_size = [16, 16, 16]
-
-[model.options]
-channels = [4, 8]
-num_transformer_layers = 1
-num_heads = 2
-"""
+TINY_FEDERATION = federation_toml(federation_id="cli", out_channels=2, channels=(4, 8))
 
 
 def fedseg_without_torch(*args: str, cwd: Path) -> tuple[int, str, str, list[str]]:

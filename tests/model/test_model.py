@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,13 +14,7 @@ from model.blocks import ConvBlock, ConvNormAct, sinusoidal_position_encoding_3d
 TINY: dict[str, Any] = dict(channels=(8, 16, 32), num_transformer_layers=1, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # 2 shared cores: extra intra-op threads only add contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def tiny(in_channels: int = 1, out_channels: int = 4, **overrides: object) -> TransformerUNet3D:

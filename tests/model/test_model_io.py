@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +15,7 @@ from model import build_model, load_checkpoint, save_checkpoint, sliding_window_
 CONFIG: dict[str, Any] = dict(in_channels=1, out_channels=3, img_size=[16, 16, 16], channels=[8, 16, 32], num_transformer_layers=1, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture

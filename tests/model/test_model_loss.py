@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,12 +10,7 @@ import torch.nn.functional as F
 from model import DiceCELoss, TransformerUNet3D
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
@@ -79,6 +73,7 @@ def test_bad_target_is_refused(batch: tuple[torch.Tensor, torch.Tensor], target:
         DiceCELoss()(logits, target)
 
 
+@pytest.mark.slow  # trains for many steps
 def test_adam_overfits_one_volume() -> None:
     # Real training: a tiny Transformer U-Net learns a 3-class volume (a box and a smaller box in it).
     torch.manual_seed(0)
