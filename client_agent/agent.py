@@ -283,11 +283,12 @@ class SiteAgent:
     # -- data --------------------------------------------------------------------------------
     def site_data(self, config: pb.TrainingConfig) -> SiteData:
         """The site's datasets for the federation's model (built once per model geometry)."""
-        key = (tuple(config.model.img_size), config.model.out_channels, config.seed)
+        key = (tuple(config.model.img_size), config.model.out_channels, config.seed, config.model.spacing_mm)
         if self._data is None or key != self._data_key:
             data = build_datasets(
                 self.settings.data,
                 spatial_size=tuple(config.model.img_size),
+                spacing_mm=float(config.model.spacing_mm),  # the federation's voxel spacing; 0: resize
                 num_classes=config.model.out_channels,
                 label_map=self.settings.label_map,
                 val_fraction=self.settings.val_fraction,

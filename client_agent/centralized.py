@@ -66,6 +66,8 @@ class TrainSettings:
             value found (after ``label_map``) plus one.
         augment: on-the-fly augmentation of training volumes.
         normalize: z-score over ``"nonzero"`` voxels (MR) or the whole ``"volume"`` (CT).
+        spacing_mm: > 0: resample every case to this isotropic spacing and crop/pad it to
+            ``img_size`` (a federation's ``[model] spacing_mm``); 0: resize whole volumes.
         cache_dir: keep preprocessed volumes there (reused by later runs); None: in memory.
         num_workers: DataLoader worker processes.
     """
@@ -92,6 +94,7 @@ class TrainSettings:
     normalize: Literal["nonzero", "volume"] = "nonzero"
     cache_dir: Path | None = None
     num_workers: int = 0
+    spacing_mm: float = 0.0
 
     def __post_init__(self) -> None:
         from model import ARCHITECTURES
@@ -123,6 +126,10 @@ class TrainSettings:
             raise ValueError(f"normalize must be one of {list(NORMALIZE_MODES)}, got {self.normalize!r}")
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {self.num_workers!r}")
+        if isinstance(self.spacing_mm, bool) or not isinstance(self.spacing_mm, (int, float)) \
+                or not 0.0 <= self.spacing_mm < 100.0:
+            raise ValueError(f"spacing_mm must be a number of mm in [0, 100) (0: resize whole volumes), "
+                             f"got {self.spacing_mm!r}")
         if self.out.suffix in (".frames",):
             raise ValueError(f"out {self.out} would be read as a codec model file; use a .pt name for a checkpoint")
 
@@ -276,7 +283,7 @@ def _datasets(s: TrainSettings, pool: _Pool, *, pin_memory: bool) -> _Data:
         make_loader,
     )
 
-    config = PreprocessConfig(spatial_size=s.img_size, normalize=s.normalize)
+    config = PreprocessConfig(spatial_size=s.img_size, normalize=s.normalize, spacing_mm=s.spacing_mm)
     cache = VolumeCache(config=config, label_map=pool.label_map, num_classes=pool.num_classes, cache_dir=s.cache_dir)
     augment = build_augmentation(AugmentConfig(), spatial_size=s.img_size, seed=s.seed) if s.augment else None
     train_set = NiftiSegDataset(pool.train, cache=cache, augment=augment)
@@ -371,9 +378,13 @@ def train_centralized(
     loop = LoopSettings(epochs=s.epochs, lr=s.lr, amp=s.amp, optimizer=s.optimizer, momentum=s.momentum)
     net.to(device)
     opt = build_optimizer(net, loop)
+    # What inference needs to see a scan as training did, as a federation's model file and its
+    # [model] section record it (client_agent.inference.load_model reads both alike).
+    channel_names, class_names = dataset_names(s.data_dirs[0])
     preprocess = {
         "normalize": s.normalize, "canonical": True, "label_map": _label_map_json(pool.label_map),
-        "grid_spacing_mm": data.grid_spacing,
+        "grid_spacing_mm": data.grid_spacing, "spacing_mm": s.spacing_mm or None,
+        "channel_names": channel_names, "class_names": class_names,
     }
 
     history: list[EpochRecord] = []
@@ -393,3 +404,32 @@ def train_centralized(
         train_cases=len(pool.train), val_cases=len(pool.val), in_channels=data.in_channels,
         num_classes=pool.num_classes, skipped=[str(p) for p in pool.problems], seconds=time.perf_counter() - start,
     )
+
+
+def dataset_names(folder: Path) -> tuple[list[str] | None, list[str] | None]:
+    """Channel and class names from ``folder/dataset.json`` (MSD ``modality``/``labels``, nnU-Net
+    ``channel_names``), in channel and class order; None where the folder does not say."""
+    import json
+
+    path = Path(folder) / "dataset.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None, None
+
+    def ordered(table: Any, by_value: bool = False) -> list[str] | None:
+        if not isinstance(table, dict) or not table:
+            return None
+        try:
+            if by_value:  # nnU-Net v2: {"background": 0, "CSF": 1}
+                pairs = sorted((int(v), str(k)) for k, v in table.items())
+            else:  # MSD: {"0": "background", "1": "CSF"}
+                pairs = sorted((int(k), str(v)) for k, v in table.items())
+        except (TypeError, ValueError):
+            return None
+        return [name for _, name in pairs] if [i for i, _ in pairs] == list(range(len(pairs))) else None
+
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    by_value = isinstance(labels, dict) and all(isinstance(v, int) for v in labels.values())
+    channels = (meta.get("modality") or meta.get("channel_names")) if isinstance(meta, dict) else None
+    return ordered(channels), ordered(labels, by_value)

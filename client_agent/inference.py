@@ -343,7 +343,7 @@ def default_segment_mode(model: LoadedModel) -> str:
 def _segment_at_spacing(model: LoadedModel, path: Path, roi: Sequence[int] | None, overlap: float,
                         amp: bool) -> np.ndarray:
     """Resample the scan in world space to the model's spacing, predict, map the mask back (client_agent.spacing)."""
-    from client_agent.spacing import from_model_grid, load_scan, to_model_grid, zscore_nonzero
+    from client_agent.spacing import from_model_grid, image_on_grid, load_scan
 
     spacing = model.preprocess.get("spacing_mm")
     if not spacing:
@@ -352,13 +352,10 @@ def _segment_at_spacing(model: LoadedModel, path: Path, roi: Sequence[int] | Non
         raise ValueError(f"mode 'spacing' takes one-channel models; {model.source} has {model.in_channels}: "
                          "use --mode resize")
     image, affine = load_scan(path)
-    grid_image, grid = to_model_grid(image, affine, spacing_mm=float(spacing), size=model.img_size)
-    if str(model.preprocess.get("normalize", "nonzero")) == "nonzero":
-        normalized = zscore_nonzero(grid_image)
-    else:
-        normalized = ((grid_image - grid_image.mean()) / max(float(grid_image.std()), 1e-6)).astype(np.float32)
+    normalized, grid = image_on_grid(image, affine, spacing_mm=float(spacing), size=model.img_size,
+                                     normalize=str(model.preprocess.get("normalize", "nonzero")))
     window = size3("roi", list(roi)) if roi is not None else model.img_size
-    probs = _probabilities(model, normalized[None], window, overlap, amp).numpy()
+    probs = _probabilities(model, normalized, window, overlap, amp).numpy()
     return from_model_grid(probs, grid, shape=image.shape, affine=affine)
 
 

@@ -24,10 +24,10 @@ SCALES: dict[str, Mapping[str, Any]] = {
     # The grid SynthSeg-style training needs for grey matter (3 mm, whole brain), more cases and rounds:
     # hours on a CPU, minutes on a GPU.
     "full": {
-        "simulation": {"cases_per_site": [24, 24, 24], "test_cases": 6, "size": 64, "spacing_mm": 3.0},
-        "federation": {"rounds": 30},
+        "simulation": {"cases_per_site": [60, 60, 60], "test_cases": 6, "size": 64, "spacing_mm": 3.0},
+        "federation": {"rounds": 20},
         "training": {"local_epochs": 2},
-        "model": {"img_size": [64, 64, 64]},
+        "model": {"img_size": [64, 64, 64], "spacing_mm": 3.0},
     },
 }
 

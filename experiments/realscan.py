@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from client_agent.spacing import from_model_grid, load_scan, to_model_grid, zscore_nonzero
+from client_agent.spacing import from_model_grid, image_on_grid, load_scan
 
 __all__ = [
     "RealScan",
@@ -120,8 +120,8 @@ def segment_scan(net: Any, image: np.ndarray, affine: np.ndarray, *, spacing_mm:
     """A ``uint8`` class map of ``image`` on its own grid from ``net`` trained at ``spacing_mm``."""
     import torch
 
-    grid_image, grid = to_model_grid(image, affine, spacing_mm=spacing_mm, size=size)
-    x = torch.from_numpy(zscore_nonzero(grid_image))[None, None]
+    normalized, grid = image_on_grid(image, affine, spacing_mm=spacing_mm, size=size, normalize="nonzero")
+    x = torch.from_numpy(normalized)[None]
     device = next(net.parameters()).device
     net.eval()
     with torch.no_grad():

@@ -325,7 +325,7 @@ class GlobalEvaluator:
         label_map = TASK_LABEL_MAPS[task]
         self.region_fn = regions_from_labels if label_map == "brats_regions" else None
         cache = VolumeCache(
-            config=PreprocessConfig(spatial_size=config.model.img_size),
+            config=PreprocessConfig(spatial_size=config.model.img_size, spacing_mm=config.model.spacing_mm),
             label_map=resolve_label_map(label_map),
             num_classes=config.model.out_channels,
             cache_dir=cache_dir,

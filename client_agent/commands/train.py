@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment", type=yes_no, default=True, metavar="yes/no", help="default yes")
     parser.add_argument("--normalize", choices=NORMALIZE_MODES, default="nonzero",
                         help="z-score over nonzero voxels (MR) or the whole volume (CT)")
+    parser.add_argument("--spacing-mm", type=float, default=0.0, metavar="MM",
+                        help="resample every case to this isotropic voxel spacing, then crop/pad to --img-size "
+                             "around the foreground (recorded in the checkpoint; fedseg segment then resamples "
+                             "scans to it); 0 (default): resize whole volumes to --img-size")
     parser.add_argument("--cache-dir", type=Path, help="keep preprocessed volumes here (default: in memory)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
 
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lambda_dice=args.lambda_dice, amp=args.amp,
         optimizer=args.optimizer, momentum=args.momentum,
         device=args.device, seed=args.seed, label_map=args.label_map, num_classes=args.num_classes,
-        val_fraction=args.val_fraction, augment=args.augment, normalize=args.normalize, cache_dir=args.cache_dir,
+        val_fraction=args.val_fraction, augment=args.augment, normalize=args.normalize, spacing_mm=args.spacing_mm, cache_dir=args.cache_dir,
         num_workers=args.num_workers,
     )
     summary = train_centralized(settings, on_epoch=lambda r: print(r.line(), flush=True))

@@ -72,6 +72,8 @@ class VolumeCache:
             "canonical": self.config.canonical,
             "label_map": sorted(self.label_map.items()) if self.label_map else None,
         }
+        if self.config.spacing_mm:  # only when set, so caches of resized volumes keep their keys
+            payload["spacing_mm"] = self.config.spacing_mm
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def path_for(self, case: Case, key: str) -> Path:

@@ -128,15 +128,19 @@ def build_datasets(
     cache_dir: str | os.PathLike[str] | None = None,
     on_error: Literal["skip", "fail"] = "skip",
     normalize: Literal["nonzero", "volume"] = "nonzero",
+    spacing_mm: float = 0.0,
 ) -> SiteData:
     """Discover, validate, split and wrap a site's data.
 
     ``label_map`` is a preset name (:data:`LABEL_PRESETS`) or ``{raw: class}``. ``augment`` is
     True (default :class:`AugmentConfig`), False (none) or an :class:`AugmentConfig`; it applies
     to the training set only. ``cache_dir`` keeps preprocessed volumes on disk (recommended);
-    without it they are cached in memory. Raises :class:`DataError` when no case is usable.
+    without it they are cached in memory. ``spacing_mm`` > 0 resamples every case to that spacing
+    before cropping/padding it to ``spatial_size`` (:class:`PreprocessConfig`). Raises
+    :class:`DataError` when no case is usable.
     """
-    config = PreprocessConfig(spatial_size=tuple(spatial_size), normalize=normalize)  # type: ignore[arg-type]
+    config = PreprocessConfig(spatial_size=tuple(spatial_size), normalize=normalize,  # type: ignore[arg-type]
+                              spacing_mm=spacing_mm)
     mapping = resolve_label_map(label_map)
     cases = discover_cases(root)
     good, problems = validate_cases(cases, num_classes=num_classes, label_map=mapping, on_error=on_error)

@@ -128,6 +128,7 @@ class ModelSpec(_message.Message):
     OUT_CHANNELS_FIELD_NUMBER: _builtins.int
     IMG_SIZE_FIELD_NUMBER: _builtins.int
     OPTIONS_JSON_FIELD_NUMBER: _builtins.int
+    SPACING_MM_FIELD_NUMBER: _builtins.int
     architecture: _builtins.str
     """Registry name, e.g. "transformer_unet", "unet", "unetr", "swin_unetr", "cnn_unet"."""
     in_channels: _builtins.int
@@ -136,6 +137,10 @@ class ModelSpec(_message.Message):
     """Classes it predicts, background included."""
     options_json: _builtins.str
     """Architecture options as a JSON object (e.g. {"channels": [16, 32, 64], "num_heads": 4})."""
+    spacing_mm: _builtins.float
+    """Isotropic voxel spacing (mm) sites resample every scan to before cropping/padding it to
+    img_size (trilinear images, nearest labels); 0 = unset: whole scans are resized to img_size.
+    """
     @_builtins.property
     def img_size(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Spatial size (D, H, W) volumes are resampled to."""
@@ -148,10 +153,11 @@ class ModelSpec(_message.Message):
         out_channels: _builtins.int = ...,
         img_size: _abc.Iterable[_builtins.int] | None = ...,
         options_json: _builtins.str = ...,
+        spacing_mm: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "img_size", b"img_size", "in_channels", b"in_channels", "options_json", b"options_json", "out_channels", b"out_channels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "img_size", b"img_size", "in_channels", b"in_channels", "options_json", b"options_json", "out_channels", b"out_channels", "spacing_mm", b"spacing_mm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
