@@ -44,8 +44,9 @@ Example (every key optional; the defaults are below)::
 
     [codec]
     top_k_fraction = 1.0
-    quantization = "fp32"
+    quantization = "fp32"    # fp32 | fp16 | int8 | int4 | sign (with top-k: STC; dense: EF-signSGD)
     zstd_level = 3
+    byte_budget = 0          # bytes per update (0: off); k per tensor is then chosen to fit
     warmup_rounds = 0        # DGC sparsity warm-up: top_k_fraction falls from warmup_start_fraction
     warmup_start_fraction = 0.25  # to top_k_fraction over the first warmup_rounds rounds
 

@@ -9,7 +9,10 @@ tensors (3D conv kernels, attention and MLP matrices, norms and biases, a few ma
   accumulators, the aggregator's hot path) throughput in MB/s of dense-equivalent data
   (N * 4 bytes / seconds);
 * the same run's raw ``zstandard`` level-1 compress and decompress MB/s of the same dense bytes,
-  tensor by tensor (the baseline), and our MB/s over it.
+  tensor by tensor (the baseline), and our MB/s over it;
+* encode and decode time over top-1% int8's in the same run (``enc/top1``, ``dec/top1``: above 1
+  is slower), for the sign codings (Sparse Ternary Compression, error-feedback signSGD) and the
+  byte budgets (``dense/300`` bytes: 300x below fp32 by construction, zstd may add to it).
 
 Usage::
 
@@ -17,7 +20,8 @@ Usage::
     python benchmarks/codec_bench.py --delta real_delta.frames   # a real update (see below)
 
 With ``--json`` the last line of output is one JSON object with, for top-1% int8:
-``ratio_top1_int8``, ``encode_vs_zstd``, ``decode_vs_zstd`` (and more).
+``ratio_top1_int8``, ``encode_vs_zstd``, ``decode_vs_zstd`` (and more); each configuration's
+``encode_vs_top1_int8`` / ``decode_vs_top1_int8`` are its times over top-1% int8's.
 
 Real deltas: :func:`run_benchmark` takes any ``{name: np.ndarray}``; ``--delta PATH`` loads one
 from a frame file (``codec.save_tensors``) or an ``.npz`` (``np.savez``, no pickle), e.g. the
@@ -30,7 +34,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
@@ -53,6 +57,13 @@ class Config:
     key: str
     label: str
     spec: CodecSpec
+    budget_ratio: int = 0
+    """When > 0: a byte budget of (dense fp32 bytes) / budget_ratio for the delta at hand."""
+
+    def spec_for(self, dense_bytes: int) -> CodecSpec:
+        if not self.budget_ratio:
+            return self.spec
+        return replace(self.spec, byte_budget=max(1, dense_bytes // self.budget_ratio))
 
 
 CONFIGS: tuple[Config, ...] = (
@@ -70,6 +81,15 @@ CONFIGS: tuple[Config, ...] = (
         "top-1% (global) int8 + zstd-3",
         CodecSpec(top_k_fraction=0.01, quantization="int8", top_k_scope="global"),
     ),
+    # Published baselines (value coding "sign"): Sattler et al. 2019, Karimireddy et al. 2019.
+    Config("stc1", "STC: top-1% sign + zstd-3", CodecSpec(top_k_fraction=0.01, quantization="sign")),
+    Config("stc05", "STC: top-0.5% sign + zstd-3", CodecSpec(top_k_fraction=0.005, quantization="sign")),
+    Config("ef_sign", "EF-signSGD: dense sign + zstd-3", CodecSpec(quantization="sign")),
+    # Byte budgets: k per tensor by energy share so that the frames fit.
+    Config("budget300_int8", "budget dense/300, int8 + zstd-3", CodecSpec(quantization="int8"), 300),
+    Config("budget300_sign", "budget dense/300, sign + zstd-3", CodecSpec(quantization="sign"), 300),
+    Config("budget500_int4", "budget dense/500, int4 + zstd-3", CodecSpec(quantization="int4"), 500),
+    Config("budget500_sign", "budget dense/500, sign + zstd-3", CodecSpec(quantization="sign"), 500),
 )
 
 
@@ -218,7 +238,21 @@ def run_benchmark(
     delta = {name: np.ascontiguousarray(a) for name, a in delta.items()}
     params = sum(a.size for a in delta.values())
     baseline = measure_zstd(delta, repeat)
-    results = {c.key: measure_config(delta, c.spec, repeat) for c in configs}
+    dense = sum(a.size * 4 for a in delta.values())
+    results: dict[str, dict[str, Any]] = {}
+    for c in configs:
+        try:
+            results[c.key] = measure_config(delta, c.spec_for(dense), repeat)
+        except codec.CodecError as exc:  # a budget below this delta's frame headers
+            results[c.key] = {"error": str(exc)}
+    if "top1_int8" in results:
+        top1 = results["top1_int8"]
+        for r in results.values():
+            if "error" in r:
+                continue
+            # Throughputs are of the same dense bytes, so a time ratio is the inverse MB/s ratio.
+            r["encode_vs_top1_int8"] = top1["encode_MBps"] / r["encode_MBps"]
+            r["decode_vs_top1_int8"] = top1["decode_MBps"] / r["decode_MBps"]
     report: dict[str, Any] = {
         "params": params,
         "tensors": len(delta),
@@ -246,16 +280,20 @@ def format_report(report: Mapping[str, Any], configs: Sequence[Config] = CONFIGS
         f"baseline {report['baseline']}: ratio {base['ratio']:.3f}x, "
         f"compress {base['compress_MBps']:,.0f} MB/s, decompress {base['decompress_MBps']:,.0f} MB/s",
         f"{'configuration':32} {'bytes':>14} {'ratio':>9} {'enc MB/s':>9} {'dec MB/s':>9} "
-        f"{'acc MB/s':>9} {'enc/zstd':>8} {'dec/zstd':>8}",
+        f"{'acc MB/s':>9} {'enc/zstd':>8} {'dec/zstd':>8} {'enc/top1':>8} {'dec/top1':>8}",
     ]
     for c in configs:
         r = results.get(c.key)
         if r is None:
             continue
+        if "error" in r:
+            lines.append(f"{c.label:32} refused: {r['error'][:120]}")
+            continue
         lines.append(
             f"{c.label:32} {r['bytes']:>14,} {r['ratio']:>8.1f}x {r['encode_MBps']:>9,.0f} "
             f"{r['decode_MBps']:>9,.0f} {r['accumulate_MBps']:>9,.0f} "
             f"{r['encode_MBps'] / base['compress_MBps']:>8.2f} {r['decode_MBps'] / base['decompress_MBps']:>8.2f}"
+            + (f" {r['encode_vs_top1_int8']:>8.2f} {r['decode_vs_top1_int8']:>8.2f}" if "encode_vs_top1_int8" in r else "")
         )
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ shortest form, at most 9 bytes, so < 2**63::
                             13 complex64, 14 complex128 (the tensor's dtype, little-endian)
     u8      selection       0 dense, 1 topk
     u8      index coding    0 none (dense), 1 varint, 2 bitmap (topk)
-    u8      values          0 raw, 1 fp16, 2 int8, 3 int4
+    u8      values          0 raw, 1 fp16, 2 int8, 3 int4, 4 sign
     u8      byte stage      0 none, 1 zstd
     u32     crc32 of the raw payload (after zstd decompression)
     varint  name length N (1..1024), then N bytes: the tensor name, UTF-8
@@ -26,7 +26,7 @@ shortest form, at most 9 bytes, so < 2**63::
     varint  start, stop     the flat (row-major) positions [start, stop) this part covers; the
                             parts of a tensor tile [0, count) in order
     varint  k, index_bytes          (topk only: values sent, bytes of the index section)
-    varint  block                   (int8 and int4 only: values per float32 scale)
+    varint  block                   (int8, int4 and sign only: values per float32 scale)
 
 The element count (product of the shape) and the raw payload size (index section + values, see
 ``codec.stages``) follow from these fields, so they are not stored. The header must be consumed
@@ -93,9 +93,9 @@ DTYPE_CODES: dict[int, str] = {
 SUPPORTED_DTYPES = frozenset(DTYPE_CODES.values())
 _SELECTION_CODES = {0: "dense", 1: "topk"}
 _INDEX_CODES = {0: "none", 1: "varint", 2: "bitmap"}
-_VALUE_CODES = {0: "raw", 1: "fp16", 2: "int8", 3: "int4"}
+_VALUE_CODES = {0: "raw", 1: "fp16", 2: "int8", 3: "int4", 4: "sign"}
 _BYTE_STAGE_CODES = {0: "none", 1: "zstd"}
-_BLOCK_STAGES = frozenset({"int8", "int4"})
+_BLOCK_STAGES = frozenset({"int8", "int4", "sign"})
 _CODES_OF = {
     table_name: {tag: code for code, tag in table.items()}
     for table_name, table in (

@@ -9,13 +9,22 @@ from typing import Any, Mapping
 
 from .errors import CodecError
 
-__all__ = ["CodecSpec", "LOSSLESS", "QUANTIZATIONS", "TOP_K_SCOPES", "MAX_BLOCK_SIZE", "MAX_ZSTD_LEVEL"]
+__all__ = [
+    "CodecSpec",
+    "LOSSLESS",
+    "QUANTIZATIONS",
+    "TOP_K_SCOPES",
+    "MAX_BLOCK_SIZE",
+    "MAX_ZSTD_LEVEL",
+    "MAX_BYTE_BUDGET",
+]
 
-QUANTIZATIONS = ("fp32", "fp16", "int8", "int4")
+QUANTIZATIONS = ("fp32", "fp16", "int8", "int4", "sign")
 TOP_K_SCOPES = ("tensor", "global")
 MAX_BLOCK_SIZE = 1 << 20
 MAX_ZSTD_LEVEL = 22
 _MAX_SEED = (1 << 64) - 1
+MAX_BYTE_BUDGET = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -30,13 +39,22 @@ class CodecSpec:
             tensors of the update (needs a first pass over the tensors to find the threshold).
         quantization: value format of the sent entries: ``"fp32"`` sends them losslessly in the
             tensor's own dtype, ``"fp16"`` as IEEE half, ``"int8"``/``"int4"`` as signed integer
-            codes with one float32 scale (max magnitude) per ``block_size`` values.
-        block_size: values per quantization block (int8/int4), in [1, 2**20].
+            codes with one float32 scale (max magnitude) per ``block_size`` values, ``"sign"`` as
+            one bit each, decoded as ``±`` the mean magnitude of the tensor's sent entries (one
+            float32 per tensor). ``"sign"`` with top-k is Sparse Ternary Compression (Sattler et
+            al. 2019), dense it is error-feedback signSGD's scaled sign (Karimireddy et al. 2019).
+        block_size: values per quantization block (int8/int4), in [1, 2**20]; ``"sign"``
+            keeps one scale per tensor, as published, and ignores it.
         stochastic_rounding: round int8/int4 codes up or down at random with probabilities that
             make the code unbiased; seeded by ``seed``, the tensor name and the part number.
         zstd_level: zstd level for frame payloads, 1..22; 0 disables zstd. Payloads zstd cannot
             shrink are sent uncompressed whatever the level.
         seed: seed of the stochastic rounding; vary it per round for independent rounding noise.
+        byte_budget: bytes the update's frames may take in all (0 = off). When set, the encoder
+            chooses how many entries of each floating tensor to send so that the frames fit
+            (codec.budget: tensors get entries in proportion to their share of the update's
+            energy); ``top_k_fraction`` then caps the share of each tensor's entries, and
+            ``top_k_scope`` must stay ``"tensor"``. The residual keeps what is not sent.
 
     Integer and boolean tensors (e.g. BatchNorm's ``num_batches_tracked``) are always sent dense
     and lossless: sparsifying or quantizing a counter is meaningless.
@@ -52,6 +70,7 @@ class CodecSpec:
     stochastic_rounding: bool = False
     zstd_level: int = 3
     seed: int = 0
+    byte_budget: int = 0
 
     def __post_init__(self) -> None:
         fraction = self.top_k_fraction
@@ -74,6 +93,12 @@ class CodecSpec:
             )
         self._set_int("zstd_level", 0, MAX_ZSTD_LEVEL, note=" (0 = no zstd)")
         self._set_int("seed", 0, _MAX_SEED)
+        self._set_int("byte_budget", 0, MAX_BYTE_BUDGET, note=" (0 = no budget)")
+        if self.byte_budget and self.top_k_scope != "tensor":
+            raise CodecError(
+                "byte_budget allocates entries to tensors itself; top_k_scope must be 'tensor' with it, "
+                f"got {self.top_k_scope!r}"
+            )
 
     def _set_int(self, name: str, low: int, high: int, note: str = "") -> None:
         """Check an integer field (numpy integers accepted) and store it as a plain int."""
@@ -87,13 +112,13 @@ class CodecSpec:
 
     @property
     def lossless(self) -> bool:
-        """True when every entry is sent bit-exactly (dense, no quantization)."""
-        return self.top_k_fraction == 1.0 and self.quantization == "fp32"
+        """True when every entry is sent bit-exactly (dense, no quantization, no budget)."""
+        return not self.sparse and self.quantization == "fp32"
 
     @property
     def sparse(self) -> bool:
-        """True when top-k sparsification drops entries."""
-        return self.top_k_fraction < 1.0
+        """True when top-k sparsification or a byte budget may drop entries."""
+        return self.top_k_fraction < 1.0 or self.byte_budget > 0
 
     @classmethod
     def from_message(cls, msg: Any) -> "CodecSpec":
@@ -119,7 +144,7 @@ class CodecSpec:
         fraction = get("top_k_fraction")
         if fraction:
             kwargs["top_k_fraction"] = float(f"{float(fraction):.7g}")
-        for name in ("top_k_scope", "quantization", "block_size", "stochastic_rounding", "seed"):
+        for name in ("top_k_scope", "quantization", "block_size", "stochastic_rounding", "seed", "byte_budget"):
             value = get(name)
             kwargs[name] = value if value else getattr(defaults, name)
         level = get("zstd_level")

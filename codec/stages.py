@@ -5,7 +5,8 @@ A frame's payload goes through three kinds of stage, named in its header's ``cha
 1. selection: ``dense`` (every element of the part's range) or ``topk`` (the sent positions, as
    an index section coded by ``varint`` or ``bitmap``, whichever is smaller for that part);
 2. values: ``raw`` (lossless, the tensor's own little-endian dtype), ``fp16``, ``int8`` or
-   ``int4`` (signed codes plus one float32 scale per block);
+   ``int4`` (signed codes plus one float32 scale per block), ``sign`` (one bit per value plus one
+   float32 scale per block: Sparse Ternary Compression after ``topk``, scaled signSGD when dense);
 3. bytes: ``zstd`` when it shrank the payload, absent otherwise.
 
 Raw payload layout (before zstd): ``[index section (topk only)] [value section]``; each
@@ -35,7 +36,10 @@ __all__ = [
     "RawCoder",
     "Fp16Coder",
     "IntCoder",
+    "SignCoder",
+    "SIGN_BLOCK",
     "value_coder_for",
+    "index_size",
     "varint_encode",
     "varint_decode",
     "varint_size",
@@ -150,6 +154,13 @@ def encode_indices(indices: np.ndarray, n: int) -> tuple[str, bytes]:
     return "varint", varint_encode(gaps, lens)
 
 
+def index_size(indices: np.ndarray, n: int) -> tuple[str, int]:
+    """The coding :func:`encode_indices` picks for these positions and its byte size, without encoding."""
+    varint_bytes = int(varint_size(_gaps(indices)).sum())
+    bitmap_bytes = (n + 7) // 8
+    return ("bitmap", bitmap_bytes) if bitmap_bytes < varint_bytes else ("varint", varint_bytes)
+
+
 def decode_indices(coding: str, data: bytes | memoryview, n: int, k: int, what: str) -> np.ndarray:
     """Inverse of :func:`encode_indices`: ``k`` sorted unique int64 positions in [0, n)."""
     if coding == "varint":
@@ -197,6 +208,17 @@ class ValueCoder(Protocol):
         """Exact byte size of ``count`` encoded values."""
         ...
 
+    @property
+    def exact(self) -> bool:
+        """True when ``(values - decoded) + decoded == values`` holds for every value it encodes,
+        so that the error-feedback residual adds back to the input exactly."""
+        ...
+
+    def fit(self, values: np.ndarray) -> "ValueCoder":
+        """This coder with what it derives from all of one tensor's sent values fixed (sign: the
+        scale), so every part of the tensor is coded alike; coders without such state return self."""
+        ...
+
     def encode(self, values: np.ndarray, rng: np.random.Generator | None) -> bytes | memoryview:
         """Encode a 1-D array of the tensor's dtype."""
         ...
@@ -211,10 +233,14 @@ class RawCoder:
     """Lossless: the values' own bytes, little-endian. Works for every numeric dtype."""
 
     tag = "raw"
+    exact = True
     itemsize: int
 
     def params(self) -> dict[str, Any]:
         return {}
+
+    def fit(self, values: np.ndarray) -> ValueCoder:
+        return self
 
     def encoded_size(self, count: int) -> int:
         return count * self.itemsize
@@ -239,9 +265,13 @@ class Fp16Coder:
     """
 
     tag = "fp16"
+    exact = True
 
     def params(self) -> dict[str, Any]:
         return {}
+
+    def fit(self, values: np.ndarray) -> ValueCoder:
+        return self
 
     def encoded_size(self, count: int) -> int:
         return 2 * count
@@ -277,10 +307,14 @@ class IntCoder:
     bits: int
     block: int
     stochastic: bool = False
+    exact = True  # _make_residual_exact
 
     @property
     def tag(self) -> str:
         return f"int{self.bits}"
+
+    def fit(self, values: np.ndarray) -> ValueCoder:
+        return self
 
     @property
     def levels(self) -> int:
@@ -374,6 +408,95 @@ class IntCoder:
         return self._dequantize(codes, scale.astype(_F32)).astype(dtype, copy=False)
 
 
+SIGN_BLOCK = 1 << 20
+"""Values per scale FedSegNet's encoder writes for ``sign``: the largest block, so that a part
+carries one scale (its tensor's) unless it holds more than 2**20 values."""
+
+
+@dataclass(frozen=True)
+class SignCoder:
+    """One bit per value, its sign, and one float32 scale per block: a value decodes to ``±scale``.
+
+    This is the value coding of two published baselines, which both send ``sign(x)`` times the
+    mean magnitude of the sent values of each tensor: after ``topk`` selection it is Sparse
+    Ternary Compression (Sattler et al. 2019, "Robust and communication-efficient federated
+    learning from non-IID data": the kept entries become ``±mean|kept|``, the others 0), sent
+    dense it is the scaled sign compressor of error-feedback signSGD (Karimireddy et al. 2019,
+    "Error feedback fixes SignSGD": ``||x||_1 / d * sign(x)``). Error feedback (the residual)
+    is what makes both converge.
+
+    Value section: ``ceil(n / 8)`` bytes of bits (value ``i`` is bit ``i % 8`` of byte ``i // 8``,
+    least significant first; 1 = ``+scale``, 0 = ``-scale``; padding bits are 0), then
+    ``ceil(n / block)`` float32 scales. The decoded value is ``±scale`` in float32, converted to
+    the tensor's dtype.
+
+    ``scale`` is the encoder's: :meth:`fit` sets it to the mean magnitude of a tensor's sent
+    values, rounded to a multiple of the spacing of floats at the largest magnitude (so that
+    ``x - scale`` is exact for every ``|x| >= scale / 2``: Sterbenz below ``2 scale``, a common
+    grid above). With ``scale`` None each block's scale is its own mean magnitude.
+    """
+
+    block: int
+    scale: float | None = None
+    tag = "sign"
+    # ``x - (±scale)`` needs more bits than a float has when |x| is far below the scale, so the
+    # residual of such an entry is rounded once; the encoder holds sparse entries of that kind
+    # back (they stay whole in the residual), see codec.stream.
+    exact = False
+
+    def params(self) -> dict[str, Any]:
+        return {"block": self.block}
+
+    def encoded_size(self, count: int) -> int:
+        return (count + 7) // 8 + 4 * (-(-count // self.block))
+
+    def fit(self, values: np.ndarray) -> ValueCoder:
+        magnitude = np.abs(values.astype(np.float64))
+        if values.size == 0 or not magnitude.max() > 0:
+            return SignCoder(self.block, 0.0)
+        scale = float(np.float32(magnitude.mean()))
+        # The spacing of floats of the tensor's dtype at its largest sent magnitude: a scale that
+        # is a multiple of it keeps |x| - scale exact for every |x| >= scale (same grid, smaller).
+        grid = float(np.spacing(values.dtype.type(magnitude.max())))
+        if grid > float(np.spacing(np.float32(scale))):
+            scale = max(round(scale / grid), 1) * grid
+        return SignCoder(self.block, float(np.float32(scale)))
+
+    def _scales(self, values: np.ndarray) -> np.ndarray:
+        nblocks = -(-values.size // self.block)
+        if self.scale is not None:
+            return np.full(nblocks, self.scale, dtype=_F32)
+        padded = np.zeros(nblocks * self.block, dtype=np.float64)
+        padded[: values.size] = np.abs(values.astype(np.float64))
+        sums = padded.reshape(nblocks, self.block).sum(axis=1)
+        sizes = np.full(nblocks, self.block)
+        if nblocks:
+            sizes[-1] = values.size - (nblocks - 1) * self.block
+        return (sums / sizes).astype(_F32)
+
+    def encode(self, values: np.ndarray, rng: np.random.Generator | None) -> bytes | memoryview:
+        if values.size == 0:
+            return b""
+        bits = np.packbits(values >= 0, bitorder="little")  # -0.0 and 0 count as positive
+        return bits.tobytes() + self._scales(values).astype("<f4").tobytes()
+
+    def decode(self, data: bytes | memoryview, count: int, dtype: np.dtype, what: str) -> np.ndarray:
+        nbytes = (count + 7) // 8
+        raw = np.frombuffer(data, dtype=np.uint8, count=nbytes)
+        scale = np.frombuffer(data, dtype="<f4", offset=nbytes)
+        if scale.size != -(-count // self.block):
+            raise CodecError(f"{what}: {scale.size} scales for {count} values in blocks of {self.block}")
+        if scale.size and not (np.all(np.isfinite(scale)) and scale.min() >= 0):
+            raise CodecError(f"{what}: negative or non-finite sign scale")
+        bits = np.unpackbits(raw, bitorder="little")
+        if bits[count:].any():
+            raise CodecError(f"{what}: sign padding bits are not zero")
+        scale = scale.astype(_F32)
+        # One scale (FedSegNet's encoder writes one per tensor) needs no per-value copy of it.
+        magnitude = scale[0] if scale.size == 1 else scale[np.arange(count) // self.block]
+        return np.where(bits[:count].astype(bool), magnitude, -magnitude).astype(dtype, copy=False)
+
+
 def value_coder_for(quantization: str, dtype: np.dtype, *, block: int, stochastic: bool) -> ValueCoder:
     """The value stage a sender uses for a tensor of ``dtype`` under ``quantization``."""
     if dtype.kind != "f" or quantization == "fp32":
@@ -384,6 +507,8 @@ def value_coder_for(quantization: str, dtype: np.dtype, *, block: int, stochasti
         return IntCoder(8, block, stochastic)
     if quantization == "int4":
         return IntCoder(4, block, stochastic)
+    if quantization == "sign":
+        return SignCoder(SIGN_BLOCK)
     raise CodecError(f"unknown quantization {quantization!r}")
 
 
@@ -531,11 +656,17 @@ def _parse_int(bits: int) -> Callable[[Mapping[str, Any], np.dtype, str], ValueC
     return parse
 
 
+def _parse_sign(step: Mapping[str, Any], dtype: np.dtype, what: str) -> ValueCoder:
+    _expect_keys(step, {"block"}, what)
+    return SignCoder(_int_param(step, "block", 1, 1 << 20, what))
+
+
 _VALUE_STAGES: dict[str, Callable[[Mapping[str, Any], np.dtype, str], ValueCoder]] = {
     "raw": _parse_raw,
     "fp16": _parse_fp16,
     "int8": _parse_int(8),
     "int4": _parse_int(4),
+    "sign": _parse_sign,
 }
 
 

@@ -17,6 +17,7 @@ tensor and the problem.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import zlib
@@ -32,10 +33,12 @@ from .frame import (
     PAYLOAD_BUDGET,
     FrameHeader,
     check_name,
+    encode_header,
     pack_frame,
     unpack_frame,
     wire_dtype,
 )
+from .budget import Candidates, allocate, plan_budget
 from .select import GlobalThreshold, Threshold, keep_count, threshold_positions, top_k_positions
 from .spec import LOSSLESS, CodecSpec
 from .stages import (
@@ -48,6 +51,7 @@ from .stages import (
     decode_indices,
     encode_indices,
     index_budget,
+    index_size,
     value_coder_for,
     zstd_compress,
     zstd_decompress,
@@ -409,19 +413,34 @@ class _TensorEncoder:
             self.spec.quantization, dtype, block=self.spec.block_size, stochastic=self.spec.stochastic_rounding
         )
 
-    def encode(
-        self, name: str, array: np.ndarray, positions: np.ndarray | None, want_decoded: bool
-    ) -> Iterator[tuple[bytes, DecodedPart | None]]:
-        """Frames of one tensor; ``positions`` = sorted flat positions to send, None = all."""
+    def fit(self, array: np.ndarray, positions: np.ndarray | None) -> tuple[ValueCoder, np.ndarray | None]:
+        """The value coder fitted to the values this tensor sends, and the positions it sends.
+
+        A coder that cannot keep every residual exact (sign) holds back the sparse entries whose
+        ``x - decoded`` would be rounded: they stay whole in the residual, so that what is sent
+        plus what is kept is the input exactly. Dense parts cannot leave an entry out; their
+        residual is rounded once (docs/protocol.md, §4.6).
+        """
         flat = array.reshape(-1)
-        coder = self.coder(array.dtype)
-        count = flat.size
+        coder = self.coder(array.dtype).fit(flat if positions is None else flat[positions])
+        if not coder.exact and positions is not None and positions.size:
+            sent = flat[positions]
+            decoded = coder.decode(coder.encode(sent, None), sent.size, array.dtype, "held back")
+            with np.errstate(over="ignore", invalid="ignore"):
+                keep = (sent - decoded) + decoded == sent
+            if not keep.all():
+                positions = positions[keep]
+        return coder, positions
+
+    def layout(
+        self, count: int, positions: np.ndarray | None, coder: ValueCoder
+    ) -> Iterator[tuple[int, int, int, int, np.ndarray | None]]:
+        """``(part, parts, start, stop, chosen)`` of each frame; ``chosen`` = the part's positions, None = dense."""
         if positions is None:
             per_part = _max_fitting(coder.encoded_size, PAYLOAD_BUDGET)
             parts = max(1, -(-count // per_part))
             for part in range(parts):
-                start, stop = part * per_part, min(count, (part + 1) * per_part)
-                yield self._part(name, array, part, parts, start, stop, coder, None, flat[start:stop], want_decoded)
+                yield part, parts, part * per_part, min(count, (part + 1) * per_part), None
         else:
             index_cost = index_budget(count)
             per_part = _max_fitting(lambda k: coder.encoded_size(k) + k * index_cost, PAYLOAD_BUDGET)
@@ -430,7 +449,37 @@ class _TensorEncoder:
                 chosen = positions[part * per_part : (part + 1) * per_part]
                 start = 0 if part == 0 else int(chosen[0])
                 stop = count if part == parts - 1 else int(positions[(part + 1) * per_part])
-                yield self._part(name, array, part, parts, start, stop, coder, chosen, flat[chosen], want_decoded)
+                yield part, parts, start, stop, chosen
+
+    def frames_size(self, name: str, array: np.ndarray, positions: np.ndarray | None) -> int:
+        """Bytes of this tensor's frames before zstd (which only ever shrinks them), headers included."""
+        coder = self.coder(array.dtype)
+        shape = tuple(int(d) for d in array.shape)
+        total = 0
+        for part, parts, start, stop, chosen in self.layout(array.size, positions, coder):
+            if chosen is None:
+                selection: DenseSelection | SparseSelection = DenseSelection()
+            else:
+                coding, index_bytes = index_size(chosen - start, stop - start)
+                selection = SparseSelection(int(chosen.size), coding, index_bytes)
+            chain = Chain(selection, coder, False)
+            size = selection.index_bytes + coder.encoded_size(chain.value_count(stop - start))
+            header = FrameHeader(
+                name=name, shape=shape, dtype=array.dtype, count=int(array.size), part=part, parts=parts,
+                start=start, stop=stop, chain=chain, size=size, crc=0,
+            )
+            total += len(encode_header(header)) + size
+        return total
+
+    def encode(
+        self, name: str, array: np.ndarray, positions: np.ndarray | None, want_decoded: bool
+    ) -> Iterator[tuple[bytes, DecodedPart | None]]:
+        """Frames of one tensor; ``positions`` = sorted flat positions to send, None = all."""
+        flat = array.reshape(-1)
+        coder, positions = self.fit(array, positions)
+        for part, parts, start, stop, chosen in self.layout(flat.size, positions, coder):
+            values = flat[start:stop] if chosen is None else flat[chosen]
+            yield self._part(name, array, part, parts, start, stop, coder, chosen, values, want_decoded)
 
     def _part(
         self,
@@ -494,13 +543,16 @@ def _encode_stream(
     """Yield ``(name, array, frames-and-decoded-parts)`` per tensor, selection applied."""
     encoder = _TensorEncoder(spec)
     threshold: Threshold | None = None
-    if spec.sparse and spec.top_k_scope == "global":
+    if (spec.sparse and spec.top_k_scope == "global") or spec.byte_budget:
         if isinstance(tensors, Iterator):
+            what = "a byte budget" if spec.byte_budget else "global top-k"
             raise CodecError(
-                "global top-k needs two passes over the tensors (first to find the threshold); "
-                "pass a sequence or a mapping, not a one-shot iterator"
+                f"{what} needs two passes over the tensors (first to plan the selection); pass a "
+                "sequence or a mapping, not a one-shot iterator"
             )
+    if spec.sparse and spec.top_k_scope == "global":
         threshold = _global_threshold(tensors, spec, effective)
+    plan = _budget_plan(tensors, spec, effective, encoder) if spec.byte_budget else None
     ties_left = threshold.ties if threshold is not None else 0
     seen: set[str] = set()
     for name, value in _items(tensors):
@@ -513,7 +565,9 @@ def _encode_stream(
         lossy = array.dtype.kind == "f" and not spec.lossless
         if lossy:
             flat = array.reshape(-1)
-            if spec.sparse:
+            if plan is not None:
+                positions = plan[name]  # the first pass checked the values
+            elif spec.sparse:
                 magnitude = _magnitude(flat, name)
                 if threshold is None:
                     positions = top_k_positions(magnitude, keep_count(spec.top_k_fraction, flat.size))
@@ -539,6 +593,76 @@ def _global_threshold(tensors: NamedTensors, spec: CodecSpec, effective: Effecti
         if array.dtype.kind == "f":
             pool.add(_magnitude(array.reshape(-1), name))
     return pool.threshold()
+
+
+def _sized(encoder: _TensorEncoder, name: str, array: np.ndarray, positions: np.ndarray | None) -> int:
+    return encoder.frames_size(name, array, positions)
+
+
+def _budget_plan(
+    tensors: NamedTensors, spec: CodecSpec, effective: Effective, encoder: _TensorEncoder
+) -> dict[str, np.ndarray | None]:
+    """The positions each floating tensor sends under ``spec.byte_budget`` (None: dense).
+
+    Two passes before the encoding pass: the first measures each tensor (energy, non-zero
+    entries, what its values cost) and bounds how many entries any tensor could get (all of
+    them together never more than the budget could carry values of); the second keeps each
+    tensor's candidates, so memory is O(min(model, budget entries)), not a copy of the model.
+    """
+    budget = spec.byte_budget
+    fixed = 0
+    energies: list[float] = []
+    limits: list[int] = []
+    affordable = 0
+    for name, value in _items(tensors):
+        name = check_name(name)
+        array = effective(name, as_array(value, name))
+        if array.dtype.kind != "f":
+            fixed += encoder.frames_size(name, array, None)
+            continue
+        magnitude = _magnitude(array.reshape(-1), name)
+        as64 = magnitude.astype(np.float64)
+        energies.append(float(np.dot(as64, as64)))
+        limits.append(min(int(np.count_nonzero(magnitude)), keep_count(spec.top_k_fraction, array.size)))
+        affordable = max(affordable, _max_fitting(encoder.coder(array.dtype).encoded_size, budget))
+        del magnitude, as64
+    caps = _candidate_caps(energies, limits, affordable)
+
+    candidates: list[Candidates] = []
+    float_index = 0
+    for name, value in _items(tensors):
+        array = effective(name, as_array(value, name))
+        if array.dtype.kind != "f":
+            continue
+        magnitude = _magnitude(array.reshape(-1), name)
+        top = top_k_positions(magnitude, caps[float_index])
+        order = top[np.argsort(-magnitude[top], kind="stable")]  # largest first, ties by position
+        del magnitude
+        # Sizing needs only the shape and dtype: a zero-stride stand-in, not the values.
+        stand_in = np.broadcast_to(np.zeros((), array.dtype), array.shape)
+        exact = encoder.coder(array.dtype).exact
+        sized = functools.partial(_sized, encoder, name, stand_in)
+        candidates.append(Candidates(name, energies[float_index], order, int(array.size), sized, exact))
+        float_index += 1
+    ks = plan_budget(candidates, fixed, budget)
+    return {c.name: c.positions(k) for c, k in zip(candidates, ks)}
+
+
+def _candidate_caps(energies: list[float], limits: list[int], affordable: int) -> list[int]:
+    """Per tensor, the most entries the plan can give it: its limit, and no more than the
+    allocation rule gives it at the smallest multiplier whose entries' values alone overflow."""
+    if sum(limits) <= affordable:
+        return limits
+    lo, hi = 0.0, max((cap / e for cap, e in zip(limits, energies) if e > 0), default=0.0)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if not lo < mid < hi:
+            break
+        if sum(allocate(energies, limits, mid)) <= affordable:
+            lo = mid
+        else:
+            hi = mid
+    return allocate(energies, limits, hi)
 
 
 def encode_tensors(tensors: NamedTensors, spec: CodecSpec = LOSSLESS) -> Iterator[bytes]:

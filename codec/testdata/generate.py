@@ -137,7 +137,7 @@ def valid_vectors() -> dict[str, tuple[str, list[bytes], str | None]]:
         "embed.bias": r.standard_normal(300).astype(np.float32),
         "counter": np.array([3], dtype=np.int32),
     }
-    dense_ish = {"w": r.standard_normal((8, 17)).astype(np.float32), "w16": r.standard_normal(33).astype(np.float16)}
+    dense_ish: dict[str, np.ndarray] = {"w": r.standard_normal((8, 17)).astype(np.float32), "w16": r.standard_normal(33).astype(np.float16)}
     pattern = (np.arange(600_000) % 7).astype(np.float32) - 3.0  # compresses: 3 parts, small frames
     stripes = np.tile(np.array([2.0, 0.5, -0.25, -3.0], dtype=np.float32), 150_000)
     new_weights: dict[str, Any] = {k: v.copy() for k, v in weights.items()}
@@ -169,6 +169,17 @@ def valid_vectors() -> dict[str, tuple[str, list[bytes], str | None]]:
                                                                   block_size=8, zstd_level=0)), None),
         "topk-bitmap-fp16": ("top-60%: bitmap index, fp16 values",
                              frames_of(dense_ish, codec.CodecSpec(top_k_fraction=0.6, quantization="fp16")), None),
+        "dense-sign": ("dense sign values (error-feedback signSGD): one bit each, one scale per tensor; odd counts "
+                       "(zero padding bits), float32/64/16 tensors; an integer tensor stays raw",
+                       frames_of(weights, codec.CodecSpec(quantization="sign", zstd_level=0)), None),
+        "topk-varint-sign": ("top-1% per tensor with sign values (Sparse Ternary Compression), varint index",
+                             frames_of(sparse, codec.CodecSpec(top_k_fraction=0.01, quantization="sign",
+                                                               zstd_level=0)), None),
+        "topk-bitmap-sign-zstd": ("top-60% with sign values, bitmap index, zstd",
+                                  frames_of({"big": np.repeat(dense_ish["w"], 64)},
+                                            codec.CodecSpec(top_k_fraction=0.6, quantization="sign")), None),
+        "sign-blocks": ("sign values in blocks of 4, each with its own scale (a decoder honours any block)",
+                        _sign_blocks(), None),
         "multipart-dense": ("a 600 000-value float32 tensor in 3 dense raw parts, each zstd-compressed",
                             frames_of({"pattern": pattern, "tail": np.ones(3, np.float32)}, codec.CodecSpec()),
                             None),
@@ -210,6 +221,22 @@ def _hand_cut_parts() -> list[bytes]:
     return frames
 
 
+def _sign_blocks() -> list[bytes]:
+    """A dense sign frame whose blocks of 4 values each carry their own scale (the mean magnitude
+    of the block): FedSegNet's encoder writes one scale per tensor, but the format allows blocks."""
+    from codec.frame import FrameHeader, pack_frame
+    from codec.stages import Chain, DenseSelection, SignCoder
+
+    values = np.array([0.5, -1.0, 1.5, -2.0, 0.25, 0.25, -0.25, 0.75, -8.0, 3.0, 1.0], dtype=np.float32)
+    coder = SignCoder(4)
+    raw = bytes(coder.encode(values, None))
+    header = FrameHeader(
+        name="blocks", shape=values.shape, dtype=values.dtype, count=values.size, part=0, parts=1, start=0,
+        stop=values.size, chain=Chain(DenseSelection(), coder, False), size=len(raw), crc=zlib.crc32(raw),
+    )
+    return [pack_frame(header, raw)]
+
+
 def invalid_vectors(valid: dict[str, tuple[str, list[bytes], str | None]]) -> dict[str, tuple[str, bytes, str, str]]:
     """name -> (description, file bytes, error class, message fragment)."""
     raw = valid["dense-raw"][1]
@@ -222,6 +249,7 @@ def invalid_vectors(valid: dict[str, tuple[str, list[bytes], str | None]]) -> di
     varint = valid["topk-varint-int8"][1][0]
     multi = valid["multipart-dense"][1]
     zstd_frame = next(f for f in valid["dense-raw-zstd"][1] if unpack_frame(f)[0].compressed)
+    sign_odd = next(f for f in valid["dense-sign"][1] if unpack_frame(f)[0].count % 8)
 
     def edit_head(frame: bytes, fn: Callable[[bytearray], None]) -> bytes:
         head = head_of(frame)
@@ -254,6 +282,11 @@ def invalid_vectors(valid: dict[str, tuple[str, list[bytes], str | None]]) -> di
     scale_raw[-4:] = struct.pack("<f", -1.0)
     nan_raw = bytearray(raw_payload(int8))
     nan_raw[-4:] = struct.pack("<f", float("nan"))
+    sign_count = unpack_frame(sign_odd)[0].count
+    sign_pad_raw = bytearray(raw_payload(sign_odd))
+    sign_pad_raw[sign_count // 8] |= 0x80  # the last bit of the last bits byte: padding
+    sign_scale_raw = bytearray(raw_payload(sign_odd))
+    sign_scale_raw[-4:] = struct.pack("<f", -0.5)
     flag_raw = bytearray(raw_payload(flag))
     flag_raw[1] = 2
     # A varint index whose last position is the span itself, one past the part's end: its largest
@@ -294,8 +327,8 @@ def invalid_vectors(valid: dict[str, tuple[str, list[bytes], str | None]]) -> di
                             "header checksum mismatch"),
         "unknown-dtype": ("dtype code 15", file([edit_head(f32, set_byte(0, 15))]), "header",
                           "unknown dtype code 15"),
-        "unknown-values": ("value coding code 4", file([edit_head(f32, set_byte(3, 4))]), "header",
-                           "unknown values code 4"),
+        "unknown-values": ("value coding code 5", file([edit_head(f32, set_byte(3, 5))]), "header",
+                           "unknown values code 5"),
         "unknown-byte-stage": ("byte stage code 2", file([edit_head(f32, set_byte(4, 2))]), "header",
                                "unknown byte stage code 2"),
         "dense-with-index": ("dense selection with index coding 1 (varint)", file([edit_head(f32, set_byte(2, 1))]),
@@ -336,6 +369,10 @@ def invalid_vectors(valid: dict[str, tuple[str, list[bytes], str | None]]) -> di
                            "negative or non-finite quantization scale"),
         "nan-scale": ("an int8 block scale that is NaN", file([with_payload(int8, bytes(nan_raw))]), "payload",
                       "negative or non-finite quantization scale"),
+        "sign-padding": ("a sign value section whose padding bits are not zero",
+                         file([with_payload(sign_odd, bytes(sign_pad_raw))]), "payload", "sign padding bits"),
+        "sign-negative-scale": ("a sign scale of -0.5", file([with_payload(sign_odd, bytes(sign_scale_raw))]),
+                                "payload", "negative or non-finite sign scale"),
         "bool-2": ("a bool tensor holding the byte 2", file([with_payload(flag, bytes(flag_raw))]), "payload",
                    "bool values other than 0 and 1"),
         "index-out-of-range": ("a varint index whose last position is the span itself (one past the end)",

@@ -147,7 +147,7 @@ def test_any_header_field_replaced_is_refused_with_a_codec_error(frame, key, val
 @pytest.mark.parametrize(
     "head, problem",
     [
-        (w_head(values=9), "tensor 'w': unknown values code 9 (known: {0: 'raw', 1: 'fp16', 2: 'int8', 3: 'int4'})"),
+        (w_head(values=9), "tensor 'w': unknown values code 9 (known: {0: 'raw', 1: 'fp16', 2: 'int8', 3: 'int4', 4: 'sign'})"),
         (w_head(selection=7), "tensor 'w': unknown selection code 7"),
         (w_head(byte_stage=2), "tensor 'w': unknown byte stage code 2 (known: {0: 'none', 1: 'zstd'})"),
         (w_head(dtype=0), "tensor 'w': unknown dtype code 0"),

@@ -37,7 +37,7 @@ def test_the_model_spec_is_the_default_without_zstd():
         ({"top_k_fraction": float("nan")}, "top_k_fraction must be in (0, 1]"),
         ({"top_k_fraction": "0.1"}, "top_k_fraction must be a number"),
         ({"top_k_scope": "layer"}, "top_k_scope must be one of ('tensor', 'global'), got 'layer'"),
-        ({"quantization": "int2"}, "quantization must be one of ('fp32', 'fp16', 'int8', 'int4'), got 'int2'"),
+        ({"quantization": "int2"}, "quantization must be one of ('fp32', 'fp16', 'int8', 'int4', 'sign'), got 'int2'"),
         ({"block_size": 0}, "block_size must be in [1, 1048576], got 0"),
         ({"block_size": 2.0}, "block_size must be an integer"),
         ({"zstd_level": 23}, "zstd_level must be in [0, 22] (0 = no zstd), got 23"),

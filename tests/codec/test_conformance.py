@@ -91,7 +91,7 @@ def test_the_vectors_cover_every_encoding_and_error_class() -> None:
             if header.parts > 1:
                 multipart.add(step["stage"])
     for selection in ("dense", "topk"):
-        for values in ("raw", "fp16", "int8", "int4"):
+        for values in ("raw", "fp16", "int8", "int4", "sign"):
             assert f"{selection}+{values}" in encodings
     assert "zstd" in encodings and indexes == {"varint", "bitmap"} and multipart == {"dense", "topk"}
     assert any(meta(n)["base"] for n in VALID), "a delta vector"

@@ -38,7 +38,7 @@ const DTYPES = {
 const ITEMSIZE = Object.fromEntries(Object.values(DTYPES).map(([name, size]) => [name, size]));
 const SELECTIONS = { 0: "dense", 1: "topk" };
 const INDEXES = { 0: "none", 1: "varint", 2: "bitmap" };
-const VALUES = { 0: "raw", 1: "fp16", 2: "int8", 3: "int4" };
+const VALUES = { 0: "raw", 1: "fp16", 2: "int8", 3: "int4", 4: "sign" };
 const BYTE_STAGES = { 0: "none", 1: "zstd" };
 
 // ------------------------------------------------------------------------------------ crc32, sha256
@@ -151,6 +151,7 @@ function inRange(value, field, low, high, what) {
 function valueBytes(values, block, count) {
   if (values === "raw") return null; // itemsize * count, set by the caller
   if (values === "fp16") return 2 * count;
+  if (values === "sign") return Math.ceil(count / 8) + 4 * Math.ceil(count / block);
   const codes = values === "int8" ? count : Math.ceil(count / 2);
   return codes + 4 * Math.ceil(count / block);
 }
@@ -200,7 +201,7 @@ export function parseFrame(frame) {
     k = r.varint("k");
     indexBytes = r.varint("index_bytes");
   }
-  const block = values === "int8" || values === "int4" ? r.varint("block") : null;
+  const block = values === "int8" || values === "int4" || values === "sign" ? r.varint("block") : null;
   if (r.at !== head.length) fail("header", `${what}: frame header has ${head.length - r.at} bytes after its last field`);
   // Ranges and consistency.
   const count = shape.reduce((a, b) => a * b, 1);
@@ -310,6 +311,21 @@ function decodeValues(h, data, out, positions) {
       const bits = src.getUint16(2 * i, true);
       if (h.dtype === "float16") view.setUint16(2 * at(i), bits, true);
       else putFloat(view, h.dtype, at(i), halfToNumber(bits));
+    }
+  } else if (h.values === "sign") {
+    const bitBytes = Math.ceil(h.sent / 8);
+    const blocks = Math.ceil(h.sent / h.block);
+    const scales = [];
+    for (let b = 0; b < blocks; b++) {
+      const s = src.getFloat32(bitBytes + 4 * b, true);
+      if (!(Number.isFinite(s) && s >= 0)) fail("payload", `${h.what}: negative or non-finite sign scale`);
+      scales.push(s);
+    }
+    if (h.sent % 8 && data[bitBytes - 1] >> (h.sent % 8)) fail("payload", `${h.what}: sign padding bits are not zero`);
+    // bit set: +scale, clear: -scale (so a zero scale gives -0.0), in float32, then the tensor's dtype.
+    for (let i = 0; i < h.sent; i++) {
+      const s = scales[Math.floor(i / h.block)];
+      putFloat(view, h.dtype, at(i), (data[i >> 3] >> (i & 7)) & 1 ? s : -s);
     }
   } else {
     const codeBytes = h.values === "int8" ? h.sent : Math.ceil(h.sent / 2);

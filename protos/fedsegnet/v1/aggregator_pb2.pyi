@@ -74,12 +74,16 @@ class CodecSpec(_message.Message):
     STOCHASTIC_ROUNDING_FIELD_NUMBER: _builtins.int
     ZSTD_LEVEL_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    BYTE_BUDGET_FIELD_NUMBER: _builtins.int
     top_k_fraction: _builtins.float
     """Fraction of entries kept by top-k sparsification, in (0, 1]; 1 (or 0 = default) sends dense."""
     top_k_scope: _builtins.str
     """"tensor" selects top-k per tensor, "global" over the whole update. Empty = "tensor"."""
     quantization: _builtins.str
-    """"fp32" (lossless), "fp16", "int8" or "int4". Empty = "fp32"."""
+    """"fp32" (lossless), "fp16", "int8", "int4" or "sign" (one bit per sent value, decoded as plus or
+    minus the mean magnitude of the tensor's sent values: with top-k Sparse Ternary Compression,
+    dense error-feedback signSGD). Empty = "fp32".
+    """
     block_size: _builtins.int
     """Elements per quantization block (int8/int4 keep one scale per block). 0 = default."""
     stochastic_rounding: _builtins.bool
@@ -88,6 +92,11 @@ class CodecSpec(_message.Message):
     """zstd level for frame payloads; 0 = default level, negative = do not compress."""
     seed: _builtins.int
     """Seed for stochastic rounding."""
+    byte_budget: _builtins.int
+    """Bytes the update's frames may take in all; 0 = no budget. The site then chooses how many
+    entries of each tensor to send (by the tensors' shares of the update's energy) so that its
+    frames fit; top_k_fraction caps each tensor's share of entries, top_k_scope must be "tensor".
+    """
     def __init__(
         self,
         *,
@@ -98,10 +107,11 @@ class CodecSpec(_message.Message):
         stochastic_rounding: _builtins.bool = ...,
         zstd_level: _builtins.int = ...,
         seed: _builtins.int = ...,
+        byte_budget: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "quantization", b"quantization", "seed", b"seed", "stochastic_rounding", b"stochastic_rounding", "top_k_fraction", b"top_k_fraction", "top_k_scope", b"top_k_scope", "zstd_level", b"zstd_level"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "byte_budget", b"byte_budget", "quantization", b"quantization", "seed", b"seed", "stochastic_rounding", b"stochastic_rounding", "top_k_fraction", b"top_k_fraction", "top_k_scope", b"top_k_scope", "zstd_level", b"zstd_level"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
