@@ -57,6 +57,13 @@ DGC_TRAINING = {**SGD_LOCAL, "momentum_correction": 0.5, "clip_norm": 5.0}
 DGC_CODEC = {**COMPRESSED_GLOBAL, "warmup_rounds": 4, "warmup_start_fraction": 0.25}
 KEEP_OPTIMIZER = {**SGD_LOCAL, "keep_optimizer_state": True}
 SERVER_MOMENTUM = {"strategy": "aam", "server_momentum": 0.5}
+# Byte budgets per upload aimed at 300x and 500x below the dense fp32 update of the compression
+# experiment's model (2 181 968 bytes): k per tensor by energy share, so that the frames fit
+# (codec/budget.py); zstd then only shrinks them.
+BUDGET_300 = {"byte_budget": 7200, "quantization": "int8", "zstd_level": 3}
+BUDGET_500 = {"byte_budget": 4300, "quantization": "int8", "zstd_level": 3}
+# Sparse Ternary Compression (Sattler et al. 2019): the global top 1%, sent as sign x mean magnitude.
+STC = {"top_k_fraction": 0.01, "top_k_scope": "global", "quantization": "sign", "zstd_level": 3}
 SCALED_FAULT = {"faulty_site": 3, "fault": "scaled_update", "update_scale": 10.0}
 FLIPPED_FAULT = {"faulty_site": 3, "fault": "scaled_update", "update_scale": -5.0}
 
@@ -113,6 +120,15 @@ METHODS: dict[str, Method] = {
     "fedsegnet_optstate_servermom": Method(
         "FedSegNet + sites' SGD momentum kept + server momentum 0.5",
         {"aggregation": SERVER_MOMENTUM, "codec": COMPRESSED_GLOBAL, "training": KEEP_OPTIMIZER}),
+    "fedsegnet_budget300": Method(
+        "FedSegNet + sites' SGD momentum kept, byte budget 7200 B/update (int8)",
+        {"aggregation": {"strategy": "aam"}, "codec": BUDGET_300, "training": KEEP_OPTIMIZER}),
+    "fedsegnet_budget500": Method(
+        "FedSegNet + sites' SGD momentum kept, byte budget 4300 B/update (int8)",
+        {"aggregation": {"strategy": "aam"}, "codec": BUDGET_500, "training": KEEP_OPTIMIZER}),
+    "fedsegnet_stc": Method(
+        "FedSegNet with Sparse Ternary Compression (global top-1%, sign x mean; Sattler et al. 2019)",
+        {"aggregation": {"strategy": "aam"}, "codec": STC, "training": SGD_LOCAL}),
     "fedsegnet_no_aam": Method("FedSegNet without AAM (FedAvg)",
                                {"aggregation": {"strategy": "fedavg"}, "codec": COMPRESSED_GLOBAL, "training": SGD_LOCAL}),
     # Dense updates, so that the comparison isolates the aggregation rule.
@@ -138,7 +154,8 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "faulty-site": ("faulty_fedavg", "faulty_aam", "faulty_scaled_fedavg", "faulty_scaled_aam",
                     "faulty_flipped_fedavg", "faulty_flipped_aam"),
     # Dense FedAvg against today's FedSegNet and each technique against its plateau (docs/compression.md).
-    "compression": ("fedavg_dense", "fedsegnet", "fedsegnet_dgc", "fedsegnet_optstate", "fedsegnet_optstate_servermom"),
+    "compression": ("fedavg_dense", "fedsegnet", "fedsegnet_dgc", "fedsegnet_optstate", "fedsegnet_optstate_servermom",
+                    "fedsegnet_budget300", "fedsegnet_budget500", "fedsegnet_stc"),
     # The project's two numeric targets side by side: Dice against centralized (trained with either
     # optimizer: the better one is the bar), bytes against dense; fedsegnet_tensor and
     # fedsegnet_adam isolate what the codec's top-k scope and the local optimizer each add.
