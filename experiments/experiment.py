@@ -62,6 +62,10 @@ SERVER_MOMENTUM = {"strategy": "aam", "server_momentum": 0.5}
 # (codec/budget.py); zstd then only shrinks them.
 BUDGET_300 = {"byte_budget": 7200, "quantization": "int8", "zstd_level": 3}
 BUDGET_500 = {"byte_budget": 4300, "quantization": "int8", "zstd_level": 3}
+# The top 0.18% of EVERY tensor: global top-k (and an energy-proportional byte budget) send almost
+# only the full-resolution layers' entries and leave the deep layers and the transformer at their
+# initial values (results/README.md, "Compression"); per-tensor selection gives every tensor its share.
+TENSOR_300 = {"top_k_fraction": 0.0018, "top_k_scope": "tensor", "quantization": "int8", "zstd_level": 3}
 # Sparse Ternary Compression (Sattler et al. 2019): the global top 1%, sent as sign x mean magnitude.
 STC = {"top_k_fraction": 0.01, "top_k_scope": "global", "quantization": "sign", "zstd_level": 3}
 SCALED_FAULT = {"faulty_site": 3, "fault": "scaled_update", "update_scale": 10.0}
@@ -126,6 +130,9 @@ METHODS: dict[str, Method] = {
     "fedsegnet_budget500": Method(
         "FedSegNet + sites' SGD momentum kept, byte budget 4300 B/update (int8)",
         {"aggregation": {"strategy": "aam"}, "codec": BUDGET_500, "training": KEEP_OPTIMIZER}),
+    "fedsegnet_tensor300": Method(
+        "FedSegNet with per-tensor top-0.18% int8 (every tensor its share)",
+        {"aggregation": {"strategy": "aam"}, "codec": TENSOR_300, "training": SGD_LOCAL}),
     "fedsegnet_stc": Method(
         "FedSegNet with Sparse Ternary Compression (global top-1%, sign x mean; Sattler et al. 2019)",
         {"aggregation": {"strategy": "aam"}, "codec": STC, "training": SGD_LOCAL}),
@@ -155,7 +162,7 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
                     "faulty_flipped_fedavg", "faulty_flipped_aam"),
     # Dense FedAvg against today's FedSegNet and each technique against its plateau (docs/compression.md).
     "compression": ("fedavg_dense", "fedsegnet", "fedsegnet_dgc", "fedsegnet_optstate", "fedsegnet_optstate_servermom",
-                    "fedsegnet_budget300", "fedsegnet_budget500", "fedsegnet_stc"),
+                    "fedsegnet_budget300", "fedsegnet_budget500", "fedsegnet_stc", "fedsegnet_tensor300"),
     # The project's two numeric targets side by side: Dice against centralized (trained with either
     # optimizer: the better one is the bar), bytes against dense; fedsegnet_tensor and
     # fedsegnet_adam isolate what the codec's top-k scope and the local optimizer each add.
