@@ -124,3 +124,58 @@ def plot_diagnostics(records: Mapping[str, Mapping[str, Any]], out_dir: Path) ->
         plt.close(fig)
         written.append(path)
     return written
+
+
+def read_coverage(states: Path) -> dict[str, dict[str, float]]:
+    """Per site and tensor, the share of its entries sent at least once during the run.
+
+    Read from each site's state after the run: the ``age/NAME`` arrays stored with the residual in
+    force count the rounds since each entry was last sent, so an entry never sent has the age of
+    the number of rounds the site submitted.
+    """
+    from client_agent.state import SiteState, split_site_state
+
+    import codec
+
+    out: dict[str, dict[str, float]] = {}
+    if not states.is_dir():
+        return out
+    for site_dir in sorted(p for p in states.iterdir() if p.is_dir()):
+        doc = SiteState(site_dir).load()
+        name, rounds = doc.get("residual"), len(doc.get("submitted", {}))
+        if not name or not rounds:
+            continue
+        ages = split_site_state(codec.load_tensors(site_dir / name))[1].get("age", {})
+        out[site_dir.name] = {t: float((a < rounds).mean()) for t, a in ages.items()}
+        out[site_dir.name]["_size"] = float(sum(a.size for a in ages.values()))
+        out[site_dir.name]["_all"] = float(sum(int((a < rounds).sum()) for a in ages.values())) / max(
+            1.0, out[site_dir.name]["_size"])
+    return out
+
+
+def plot_coverage(records: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, int], out_dir: Path) -> Path | None:
+    """Share of each tensor's entries ever sent during the run, tensors in network order, one line per method."""
+    from experiments.plots import _pyplot
+
+    covered = {m: r["coverage"] for m, r in records.items() if r.get("coverage")}
+    if not covered:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(14, 4.5))
+    names: list[str] = []
+    for coverage in covered.values():
+        first = next(iter(coverage.values()))
+        names = [n for n in first if not n.startswith("_")]
+        break
+    for method, coverage in covered.items():
+        values = [sum(site.get(n, 0.0) for site in coverage.values()) / len(coverage) for n in names]
+        ax.plot(range(len(names)), values, marker=".", label=f"{method} ({sum(s['_all'] for s in coverage.values()) / len(coverage):.1%} of all entries)")
+    ax.set_xticks(range(len(names)), [f"{n} ({sizes.get(n, 0)})" for n in names], rotation=90, fontsize=5)
+    ax.set(ylabel="share of entries ever sent", title="Which tensors the sites' uploads ever touched (mean over sites)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "coverage_per_tensor.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -307,12 +307,30 @@ def run_experiment(
     summary = {m: summarize(r) for m, r in runs.items()}
     extra_plots: list[Path] = []
     if name == "compression":
-        from experiments.compression import compression_fields, plot_diagnostics, render_compression_table
+        from experiments.compression import (
+            compression_fields,
+            plot_coverage,
+            plot_diagnostics,
+            read_coverage,
+            read_diagnostics,
+            render_compression_table,
+        )
 
         for m, r in runs.items():
+            method_dir = work_dir / scale / tag / m
+            # Runs recorded before these were kept, whose work folder is still here, get them now.
+            if not r.get("diagnostics") and (method_dir / "store").is_dir():
+                r["diagnostics"] = read_diagnostics(method_dir / "store")
+            if not r.get("coverage") and (method_dir / "states").is_dir():
+                r["coverage"] = read_coverage(method_dir / "states")
+            if r.get("coverage") or r.get("diagnostics"):
+                (out / "runs" / f"{m}.json").write_text(json.dumps(r, indent=1))
             summary[m].update(compression_fields(r, summary[m]["ratio_vs_dense_fp32"]))
         table += "\n" + render_compression_table(summary)
         extra_plots = plot_diagnostics(runs, out)
+        sizes = {n: int(v) for n, v in _tensor_sizes(runs).items()}
+        coverage_plot = plot_coverage(runs, sizes, out)
+        extra_plots += [coverage_plot] if coverage_plot else []
     (out / "table.md").write_text(table)
     (out / "summary.json").write_text(json.dumps({"experiment": name, "scale": scale, "methods": summary}, indent=1))
     from experiments.plots import plot_runs
@@ -371,6 +389,17 @@ def _run_method(
     saved.write_text(json.dumps(record, indent=1))
     partial_path.unlink(missing_ok=True)
     return record
+
+
+def _tensor_sizes(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """Entries per tensor, from a finished run's final model (for the coverage plot's labels)."""
+    import codec
+
+    for record in runs.values():
+        path = record.get("final_model")
+        if path and Path(path).exists():
+            return {n: int(a.size) for n, a in codec.load_tensors(path).items()}
+    return {}
 
 
 def rows_of(record: Mapping[str, Any]) -> list[RoundRow]:
