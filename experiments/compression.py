@@ -54,7 +54,17 @@ def compression_fields(record: Mapping[str, Any], ratio: float) -> dict[str, Any
     rows = record.get("rounds", [])
     sites = max((len(r.get("site_dice", {})) for r in rows), default=1) or 1
     per_site = [r["bytes_up"] / sites for r in rows]
+    diag = record.get("diagnostics") or {}
+    by_round: dict[str, dict[str, float]] = {}
+    for r, sites_ in diag.items():
+        names = sorted({k for v in sites_.values() for k in v})
+        by_round[r] = {k: sum(v.get(k, 0.0) for v in sites_.values()) / len(sites_) for k in names}
+    coverage = record.get("coverage") or {}
     return {
+        # The sites' ef/* reports, averaged over sites, per round (docs/compression.md).
+        "diagnostics_per_round": {r: by_round[r] for r in sorted(by_round, key=int)},
+        # Share of all entries each site sent at least once over the run, averaged over sites.
+        "entries_ever_sent": (sum(s["_all"] for s in coverage.values()) / len(coverage)) if coverage else None,
         "ratio_vs_fp32": ratio,
         "dice_mean_last5": dice_mean_last(record),
         "bytes_per_round_per_site": sum(per_site) / len(per_site) if per_site else 0.0,
