@@ -30,6 +30,9 @@ Example (every key optional; the defaults are below)::
     fedprox_mu = 0.0
     lambda_dice = 0.5
     seed = 0
+    momentum_correction = 0.0  # DGC momentum correction over round updates, in [0, 1) (docs/compression.md)
+    clip_norm = 0.0          # local gradient clipping (global L2 norm per step); 0: off
+    keep_optimizer_state = false  # keep the site's optimizer state across rounds
 
     [model]
     architecture = "transformer_unet"
@@ -44,6 +47,8 @@ Example (every key optional; the defaults are below)::
     quantization = "fp32"    # fp32 | fp16 | int8 | int4 | sign (with top-k: STC; dense: EF-signSGD)
     zstd_level = 3
     byte_budget = 0          # bytes per update (0: off); k per tensor is then chosen to fit
+    warmup_rounds = 0        # DGC sparsity warm-up: top_k_fraction falls from warmup_start_fraction
+    warmup_start_fraction = 0.25  # to top_k_fraction over the first warmup_rounds rounds
 
 Every table is strict: a key it does not know is refused by name, with the allowed ones. This
 module is the only reader of the file: :func:`read_config_tables` parses it once, and a program
@@ -53,6 +58,7 @@ as ``extensions`` and gets them back raw (:func:`load_federation_file`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -119,8 +125,18 @@ class TrainingSettings:
     momentum: float = 0.0
     lr_schedule: str = "constant"
     final_learning_rate: float = 0.0
+    # Sparse-update techniques (docs/compression.md), carried in TrainingConfig fields 11-13.
+    momentum_correction: float = 0.0
+    clip_norm: float = 0.0
+    keep_optimizer_state: bool = False
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.momentum_correction, (int, float)) and 0.0 <= self.momentum_correction < 1.0):
+            raise ConfigError(f"training.momentum_correction must be in [0, 1) (0: off), got {self.momentum_correction!r}")
+        if not (isinstance(self.clip_norm, (int, float)) and math.isfinite(self.clip_norm) and self.clip_norm >= 0.0):
+            raise ConfigError(f"training.clip_norm must be a finite number >= 0 (0: off), got {self.clip_norm!r}")
+        if not isinstance(self.keep_optimizer_state, bool):
+            raise ConfigError(f"training.keep_optimizer_state must be true or false, got {self.keep_optimizer_state!r}")
         if self.local_epochs < 1:
             raise ConfigError(f"training.local_epochs must be >= 1, got {self.local_epochs}")
         if not self.learning_rate > 0:
@@ -164,6 +180,37 @@ class TrainingSettings:
 
 
 @dataclass(frozen=True)
+class SparsityWarmup:
+    """``[codec] warmup_rounds`` / ``warmup_start_fraction``: DGC's sparsity warm-up (Lin et al. 2018).
+
+    Over the first ``warmup_rounds`` rounds the top-k fraction the aggregator sends falls
+    exponentially from ``warmup_start_fraction`` to the configured ``top_k_fraction``:
+    ``f_r = start * (target / start) ** ((r - 1) / warmup_rounds)`` for ``r <= warmup_rounds``,
+    the target from round ``warmup_rounds + 1`` on (so round 1 sends ``start``). Like the
+    learning-rate schedule it is a function of the round number alone (no aggregator state).
+    """
+
+    rounds: int = 0
+    start_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
+            raise ConfigError(f"codec.warmup_rounds must be an integer >= 0 (0: off), got {self.rounds!r}")
+        if not (isinstance(self.start_fraction, (int, float)) and 0.0 < self.start_fraction <= 1.0):
+            raise ConfigError(f"codec.warmup_start_fraction must be in (0, 1], got {self.start_fraction!r}")
+
+    def fraction_at(self, round_id: int, target: float) -> float:
+        """The top-k fraction of round ``round_id`` (1-based) when the configured one is ``target``."""
+        if self.rounds == 0 or round_id > self.rounds or self.start_fraction <= target:
+            return target
+        step = (max(round_id, 1) - 1) / self.rounds
+        return float(self.start_fraction * (target / self.start_fraction) ** step)
+
+
+WARMUP_KEYS = {"warmup_rounds": "rounds", "warmup_start_fraction": "start_fraction"}
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """Everything the aggregator needs to run a federation."""
 
@@ -180,6 +227,7 @@ class FederationConfig:
     training: TrainingSettings = field(default_factory=TrainingSettings)
     model: ModelConfig = field(default_factory=ModelConfig)
     codec: CodecSpec = field(default_factory=CodecSpec)
+    warmup: SparsityWarmup = field(default_factory=SparsityWarmup)
     aggregation: strategies.Strategy = field(init=False, repr=False, compare=False)
     """The strategy object ``strategy`` and ``strategy_options`` configure (built and checked once)."""
 
@@ -210,6 +258,13 @@ class FederationConfig:
             raise ConfigError(f"[aggregation]: {exc}") from None
         object.__setattr__(self, "aggregation", built)
 
+    def codec_at(self, round_id: int) -> CodecSpec:
+        """The codec sites encode round ``round_id`` with (the sparsity warm-up applied)."""
+        fraction = self.warmup.fraction_at(round_id, self.codec.top_k_fraction)
+        if fraction == self.codec.top_k_fraction:
+            return self.codec
+        return dataclasses.replace(self.codec, top_k_fraction=fraction)
+
     def to_json(self) -> str:
         """A canonical JSON form, stored with the federation so a restart can detect a changed config."""
         fields_ = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
@@ -222,7 +277,7 @@ _SECTION_KEYS: dict[str, set[str]] = {
     "aggregation": set(),  # the chosen strategy's parameters: checked by strategies.from_table
     "training": {f.name for f in fields(TrainingSettings)},
     "model": {f.name for f in fields(ModelConfig)},
-    "codec": {f.name for f in fields(CodecSpec)},
+    "codec": {f.name for f in fields(CodecSpec)} | set(WARMUP_KEYS),
 }
 
 
@@ -278,6 +333,7 @@ def parse_federation_config(
         if "img_size" in model_data:
             model_data["img_size"] = tuple(model_data["img_size"])
         codec_data = dict(data.get("codec", {}))
+        warmup = SparsityWarmup(**{WARMUP_KEYS[k]: codec_data.pop(k) for k in list(codec_data) if k in WARMUP_KEYS})
         return FederationConfig(
             federation_id=str(fed.get("id", "fedsegnet")),
             rounds=int(fed.get("rounds", 3)),
@@ -291,6 +347,7 @@ def parse_federation_config(
             training=TrainingSettings(**data.get("training", {})),
             model=ModelConfig(**model_data),
             codec=CodecSpec(**codec_data),
+            warmup=warmup,
         )
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None

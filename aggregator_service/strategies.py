@@ -11,6 +11,8 @@ The federation configuration names one::
     [aggregation]
     strategy = "trimmed_mean"     # fedavg | mean | median | trimmed_mean | fedadam | aam
     trim_fraction = 0.2           # that strategy's own parameters, nothing else
+    # server_momentum = 0.9       # fedavg, mean, aam: server momentum over the aggregate (FedAvgM)
+    # server_lr = 1.0
     # [aggregation.aam]           # for "aam": its constants (aam.AAMConfig)
     # max_weight = 0.5
 
@@ -165,7 +167,65 @@ class _Weighted:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedAvg(_Weighted):
+class _ServerMomentum(_Weighted):
+    """Server momentum over the aggregated (sparse) update, for the weighted strategies.
+
+    ``server_momentum`` = β > 0 or ``server_lr`` = η ≠ 1 turns the round into
+    ``m ← β m + Σ w_k Δ_k``, ``θ ← θ + η m`` (FedAvgM, Hsu et al. 2019; Reddi et al. 2021 call Σ w_k Δ_k
+    the pseudo-gradient). β = 0, η = 1 (the defaults) is the plain weighted round, with no state.
+    The momentum ``m`` lives in the store beside the model it produced (``round-NNNN.momentum``).
+
+    Memory while a round closes: ``m`` for the whole model (1× the model, loaded once) plus one
+    tensor-sized float32 buffer where the sites' sparse updates are added (only their sent entries
+    are touched); θ is streamed tensor by tensor as for the plain round.
+    """
+
+    server_momentum: float = 0.0
+    server_lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ValueError(f"server_momentum must be in [0, 1) (0: none), got {self.server_momentum}")
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0.0):
+            raise ValueError(f"server_lr must be a finite number > 0, got {self.server_lr}")
+
+    @property
+    def _stateful(self) -> bool:
+        return self.server_momentum > 0.0 or self.server_lr != 1.0
+
+    def load_state(self, store_model_path: Path) -> dict[str, np.ndarray] | None:
+        if not self._stateful:
+            return None
+        path = store_model_path.with_suffix(".momentum")
+        return codec.load_tensors(path) if path.exists() else {}
+
+    def apply(
+        self, name: str, theta: np.ndarray, deltas: Iterator[SiteDelta], weights: np.ndarray, state: Any
+    ) -> np.ndarray:
+        if not self._stateful:
+            return super().apply(name, theta, deltas, weights, state)
+        if theta.dtype.kind != "f":
+            return theta
+        step = _add_weighted(np.zeros(theta.shape, dtype=np.float32), deltas, weights)
+        m = state.get(name)
+        if m is None or m.shape != step.shape:
+            m = step
+        else:
+            m = np.asarray(m, dtype=np.float32)
+            m *= np.float32(self.server_momentum)
+            m += step
+        state[name] = m
+        new = _accumulator(theta)
+        new += np.float32(self.server_lr) * m
+        return aggregation.cast_to_dtype(new, theta.dtype)
+
+    def save_state(self, store_model_path: Path, state: Any) -> None:
+        if self._stateful and state is not None:
+            codec.save_tensors(store_model_path.with_suffix(".momentum"), sorted(state.items()), codec.LOSSLESS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedAvg(_ServerMomentum):
     """``w_k = n_k / Σ n`` (McMahan et al. 2017). No parameters."""
 
     name: ClassVar[str] = "fedavg"
@@ -175,7 +235,7 @@ class FedAvg(_Weighted):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Mean(_Weighted):
+class Mean(_ServerMomentum):
     """``w_k = 1 / K``. No parameters."""
 
     name: ClassVar[str] = "mean"
@@ -185,13 +245,14 @@ class Mean(_Weighted):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AAM(_Weighted):
+class AAM(_ServerMomentum):
     """The Adaptive Aggregation Mechanism (``aam.py``); its constants come from ``[aggregation.aam]``."""
 
     name: ClassVar[str] = "aam"
     aam: AAMConfig = field(default_factory=AAMConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.aam, AAMConfig):
             raise ValueError(f"aam must be an AAMConfig, got {type(self.aam).__name__}")
 

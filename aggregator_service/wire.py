@@ -40,10 +40,13 @@ def training_config_to_proto(config: FederationConfig, round_id: int = 1) -> pb.
         batch_size=t.batch_size,
         fedprox_mu=t.fedprox_mu,
         lambda_dice=t.lambda_dice,
-        codec=pb.CodecSpec(**config.codec.to_fields()),
+        codec=pb.CodecSpec(**config.codec_at(round_id).to_fields()),
         seed=t.seed,
         optimizer=t.optimizer,
         momentum=t.momentum,
+        momentum_correction=t.momentum_correction,
+        clip_norm=t.clip_norm,
+        keep_optimizer_state=t.keep_optimizer_state,
     )
 
 

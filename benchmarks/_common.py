@@ -154,9 +154,11 @@ def write_federation_config(
     rounds: int = 2,
     strategy: str = "fedavg",
     round_timeout_s: float = 3600.0,
+    aggregation_options: Sequence[str] = (),
 ) -> Path:
     """A federation TOML with ``min_clients = max_clients = len(sites)``: the round closes the
-    moment the last site commits. The model section is irrelevant to the aggregator and left out."""
+    moment the last site commits. The model section is irrelevant to the aggregator and left out.
+    ``aggregation_options``: more ``[aggregation]`` lines as TOML, e.g. ``"server_momentum = 0.9"``."""
     quoted = ", ".join(f'"{s}"' for s in sites)
     path.write_text(
         "[federation]\n"
@@ -168,6 +170,7 @@ def write_federation_config(
         f"sites = [{quoted}]\n"
         "\n[aggregation]\n"
         f'strategy = "{strategy}"\n'
+        + "".join(f"{line}\n" for line in aggregation_options)
     )
     return path
 

@@ -206,7 +206,7 @@ def _upload_all(
 
 def run_site_count(
     k: int, inputs: Inputs, spec: codec.CodecSpec, workdir: Path, *, strategy: str, workers: int,
-    timeout_s: float, seed: int,
+    timeout_s: float, seed: int, aggregation_options: Sequence[str] = (),
 ) -> tuple[SiteCountResult, Path]:
     """One fresh aggregator subprocess, K concurrent uploads, one round closed. Returns the
     measurements and the store (holding the new model)."""
@@ -214,7 +214,8 @@ def run_site_count(
     store = workdir / f"store-{k}"
     shutil.rmtree(store, ignore_errors=True)
     config = write_federation_config(
-        workdir / f"federation-{k}.toml", federation_id=f"bench-{k}", sites=sites, rounds=2, strategy=strategy
+        workdir / f"federation-{k}.toml", federation_id=f"bench-{k}", sites=sites, rounds=2, strategy=strategy,
+        aggregation_options=aggregation_options,
     )
     server = AggregatorProcess(
         config=config, store=store, initial_model=inputs.model, log_path=workdir / f"aggregator-{k}.log",
@@ -374,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"--params {QUICK_PARAMS:_} (about 40 s on 2 cores)")
     parser.add_argument("--sites", type=int, nargs="+", default=[5, 20, 50], help="site counts (default 5 20 50)")
     parser.add_argument("--strategy", default="aam", help="aggregation strategy of the federation (default aam)")
+    parser.add_argument("--aggregation-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="another [aggregation] line, e.g. server_momentum=0.9 (repeatable)")
     parser.add_argument("--top-k", type=float, default=0.01, help="top-k fraction of the updates (default 0.01)")
     parser.add_argument("--quantization", default="int8", help="value quantization of the updates (default int8)")
     parser.add_argument("--upload-workers", type=int, default=0,
@@ -402,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("%d sites: starting the aggregator", k)
             row, stores[k] = run_site_count(
                 k, inputs, spec, workdir, strategy=args.strategy, workers=args.upload_workers or k,
+                aggregation_options=[o.replace("=", " = ", 1) for o in args.aggregation_option],
                 timeout_s=args.timeout_s, seed=args.seed + k,
             )
             log.info("%d sites: close %.2f s, peak RSS %.0f MB", k, row.close_seconds, row.peak_rss / MB)
@@ -439,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model_file_mb": inputs.model_file_bytes / MB,
         "codec": asdict(spec),
         "strategy": args.strategy,
+        "aggregation_options": args.aggregation_option,
         "prepare_seconds": inputs.prepare_seconds,
         "baseline": "numpy float32 acc += w_k * delta_k (np.multiply/np.add with out=) over dense "
                     "decoded updates, one resident at a time; decode not timed",

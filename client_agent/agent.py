@@ -46,6 +46,7 @@ from client_agent.data import (
     resolve_label_map,
     validate_cases,
 )
+from client_agent import feedback
 from client_agent.privacy import DEFAULT_DELTA, PrivacyLedger, clip_and_noise
 from client_agent.reporting import Reporter
 from client_agent.state import SiteState
@@ -492,12 +493,13 @@ class SiteAgent:
         if self.transform_update is not None:
             deltas = self.transform_update(deltas)
         spec = codec.CodecSpec.from_message(config.codec)
-        digest, chunks = self._encode_and_store(r, deltas, spec)
+        optimizer = _optimizer_arrays(trained.optimizer_state) if config.keep_optimizer_state else {}
+        digest, chunks, diagnostics = self._encode_and_store(r, deltas, spec, config, optimizer)
         pending = {
             "sample_count": len(data.train),
             "metrics": _round_metrics(scores, trained),
             "validation_cases": int(scores.get("cases", len(data.val))),
-            "extra": {**_per_class_dice(scores), **privacy},
+            "extra": {**_per_class_dice(scores), **privacy, **diagnostics},
             "codec": {f: getattr(spec, f) for f in spec.__dataclass_fields__},
             "bytes_downloaded": downloaded.nbytes,
             "dense_bytes": int(sum(4 * a.size for a in global_arrays.values())),
@@ -543,7 +545,9 @@ class SiteAgent:
             fedprox_mu=config.fedprox_mu,
             # Aggregators from before TrainingConfig.optimizer send none: they meant Adam.
             optimizer=config.optimizer or "adam", momentum=config.momentum,
+            max_grad_norm=float(config.clip_norm) if config.clip_norm > 0 else None,
         )
+        optimizer_state = self._saved_optimizer_state(r) if config.keep_optimizer_state else None
         if self.settings.gpus > 1:
             from client_agent.distributed import train_distributed
 
@@ -554,7 +558,7 @@ class SiteAgent:
                                         work_dir=self.settings.state_dir)
         else:
             trained = train_local(model, loader, loop, device=self.device, loss_fn=loss_fn,
-                                  progress=self.reporter.progress(r))
+                                  optimizer_state=optimizer_state, progress=self.reporter.progress(r))
         scores = evaluate(model, data.val, device=self.device, num_classes=config.model.out_channels,
                           amp=self.settings.amp)
         local = dict(named_arrays(model))
@@ -582,10 +586,68 @@ class SiteAgent:
             privacy["dp/rounds"] = float(len(ledger.rounds()))
         return deltas, privacy
 
-    def _encode_and_store(self, r: int, deltas: Mapping[str, np.ndarray], spec: codec.CodecSpec) -> tuple[str, int]:
-        """Encode the update with the site's residual; write its frames, then the new residual: (digest, chunks)."""
-        encoded = codec.encode_update(list(deltas.items()), spec, self.state.residual())
+    def _saved_optimizer_state(self, r: int) -> dict[str, Any] | None:
+        """The optimizer state stored with the residual in force (None: none kept yet)."""
+        arrays = self.state.site_state()[1].get("optimizer")
+        if not arrays:
+            return None
+        self.reporter.event("optimizer_state", round=r, restored=len(arrays), digest=_arrays_digest(arrays)[:16])
+        return _optimizer_state(arrays)
+
+    def _encode_and_store(
+        self, r: int, deltas: Mapping[str, np.ndarray], spec: codec.CodecSpec, config: pb.TrainingConfig,
+        optimizer: Mapping[str, np.ndarray],
+    ) -> tuple[str, int, dict[str, float]]:
+        """Encode the update with the site's residual; write its frames, then the new residual and the
+        state kept with it (client_agent.state): (digest, chunks, the round's ``ef/*`` diagnostics).
+
+        With ``config.momentum_correction`` = m > 0 the codec gets the velocity ``u = m u + Δ``
+        instead of Δ, and the velocity is cleared where entries were sent (``client_agent.feedback``).
+        """
+        residual, kept_state = self.state.site_state()
+        momentum = float(config.momentum_correction)
+        update = feedback.accumulate_velocity(deltas, kept_state.get("velocity"), momentum) if momentum > 0 else dict(deltas)
+        encoded = codec.encode_update(list(update.items()), spec, residual)
         counted = codec.DigestingFrames(encoded.frames)
         self.state.write_frames("pending", r, counted)
-        self.state.write_tensors("residual", r, encoded.residual.items())
-        return counted.hexdigest(), counted.count
+        sent = feedback.sent_masks(update, residual, encoded.residual)
+        ages, at_send = feedback.advance_age(kept_state.get("age"), sent)
+        diagnostics = feedback.diagnostics(deltas, update, residual, encoded.residual, sent, at_send,
+                                           float(config.learning_rate))
+        tensors: list[tuple[str, np.ndarray]] = list(encoded.residual.items())
+        if momentum > 0:
+            tensors += [(f"velocity/{n}", a) for n, a in feedback.mask_velocity(update, sent).items()]
+        tensors += [(f"age/{n}", a) for n, a in ages.items()]
+        tensors += [(f"optimizer/{n}", a) for n, a in optimizer.items()]
+        self.state.write_tensors("residual", r, tensors)
+        return counted.hexdigest(), counted.count, diagnostics
+
+
+def _optimizer_arrays(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A torch optimizer's per-parameter state as ``"INDEX/KEY"`` arrays (SGD's momentum buffers,
+    Adam's moments and step); the hyperparameters are not kept: each round's configuration sets them."""
+    out: dict[str, np.ndarray] = {}
+    for index, entry in state_dict.get("state", {}).items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                out[f"{int(index)}/{key}"] = value.detach().cpu().numpy()
+    return out
+
+
+def _optimizer_state(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The inverse of :func:`_optimizer_arrays`: ``{"state": {index: {key: tensor}}}``."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, array in arrays.items():
+        index, _, key = name.partition("/")
+        state.setdefault(int(index), {})[key] = torch.from_numpy(np.array(array, copy=True))
+    return {"state": state}
+
+
+def _arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return h.hexdigest()

@@ -10,7 +10,11 @@ Layout::
     pending-0003.frames / .json     the encoded update for round 3 and its header, written before
                                     the upload starts, so a restart resends the same bytes
                                     (same digest: the aggregator counts it once)
-    residual-0003.frames            the error-feedback residual left after round 3's update
+    residual-0003.frames            the error-feedback residual left after round 3's update, and in
+                                    the same file the site's other state that must change with it
+                                    (names prefixed by their group, ``SITE_STATE_GROUPS``): the DGC
+                                    velocity, each entry's rounds since it was last sent, and the local
+                                    optimizer's state when the federation keeps it across rounds
 
 ``agent.json`` is the commit point: it names the residual in force, so a crash between writing a
 new residual and the aggregator's receipt keeps the old one, and a residual is never lost.
@@ -29,6 +33,23 @@ import codec
 from codec import atomic_write_bytes, atomic_writer
 
 log = logging.getLogger(__name__)
+
+SITE_STATE_GROUPS = ("velocity", "age", "optimizer")
+"""State kept in the residual file beside the residual, as ``GROUP/NAME`` tensors: it comes into
+force (or is dropped) with the residual, atomically, and survives a SIGKILL the same way."""
+
+
+def split_site_state(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """A residual file's tensors as (the residual, {group: {name: array}})."""
+    residual: dict[str, np.ndarray] = {}
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for name, array in tensors.items():
+        group, sep, rest = name.partition("/")
+        if sep and group in SITE_STATE_GROUPS:
+            groups.setdefault(group, {})[rest] = array
+        else:
+            residual[name] = array
+    return residual, groups
 
 
 class SiteState:
@@ -84,8 +105,14 @@ class SiteState:
 
     def residual(self) -> dict[str, np.ndarray] | None:
         """The residual in force (named by agent.json), or None before the first submission."""
+        return self.site_state()[0]
+
+    def site_state(self) -> tuple[dict[str, np.ndarray] | None, dict[str, dict[str, np.ndarray]]]:
+        """The residual in force and the state stored with it (:data:`SITE_STATE_GROUPS`)."""
         name = self.load().get("residual")
-        return codec.load_tensors(self.root / name) if name else None
+        if not name:
+            return None, {}
+        return split_site_state(codec.load_tensors(self.root / name))
 
     # -- pending uploads ---------------------------------------------------------------------
     def pending(self, round_id: int) -> dict[str, Any] | None:

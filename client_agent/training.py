@@ -280,11 +280,21 @@ def build_optimizer(
         momentum=settings.momentum, weight_decay=settings.weight_decay,
     )
     if state:
+        state = dict(state)
+        if "param_groups" not in state:
+            # Per-parameter state only (a site's saved momentum buffers): the groups are this round's.
+            state["param_groups"] = opt.state_dict()["param_groups"]
         try:
-            opt.load_state_dict(dict(state))
+            opt.load_state_dict(state)
         except (ValueError, KeyError) as exc:
             # A changed architecture makes old moments meaningless: start afresh rather than fail the round.
             logger.warning("optimizer state does not fit this model (%s); starting %s afresh", exc, settings.optimizer)
+        misfit = [tuple(p.shape) for p, entry in opt.state.items() for v in entry.values()
+                  if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape)]
+        if misfit:
+            logger.warning("optimizer state has tensors of other shapes than the model's (e.g. for %s); starting %s "
+                           "afresh", misfit[0], settings.optimizer)
+            opt.state.clear()
         for group in opt.param_groups:
             group["lr"] = settings.lr
     return opt

@@ -51,6 +51,25 @@ GLOBAL_TOP2_INT4 = {"top_k_fraction": 0.02, "top_k_scope": "global", "quantizati
 # late in a run (and dense FedAvg's alternates every round), so it anneals to 0.01 over the run.
 SGD_LOCAL = {"optimizer": "sgd", "momentum": 0.9, "learning_rate": 0.1, "lr_schedule": "cosine",
              "final_learning_rate": 0.01}
+# The compression experiment's techniques (docs/compression.md), each one switch over FedSegNet's
+# configuration: DGC's momentum correction and masking at round granularity, local gradient
+# clipping and a sparsity warm-up; the site's optimizer state kept across rounds; server momentum
+# over the aggregated sparse update.
+DGC_TRAINING = {**SGD_LOCAL, "momentum_correction": 0.5, "clip_norm": 5.0}
+DGC_CODEC = {**COMPRESSED_GLOBAL, "warmup_rounds": 4, "warmup_start_fraction": 0.25}
+KEEP_OPTIMIZER = {**SGD_LOCAL, "keep_optimizer_state": True}
+SERVER_MOMENTUM = {"strategy": "aam", "server_momentum": 0.5}
+# Byte budgets per upload aimed at 300x and 500x below the dense fp32 update of the compression
+# experiment's model (2 181 968 bytes): k per tensor by energy share, so that the frames fit
+# (codec/budget.py); zstd then only shrinks them.
+BUDGET_300 = {"byte_budget": 7200, "quantization": "int8", "zstd_level": 3}
+BUDGET_500 = {"byte_budget": 4300, "quantization": "int8", "zstd_level": 3}
+# The top 0.18% of EVERY tensor: global top-k (and an energy-proportional byte budget) send almost
+# only the full-resolution layers' entries and leave the deep layers and the transformer at their
+# initial values (results/README.md, "Compression"); per-tensor selection gives every tensor its share.
+TENSOR_300 = {"top_k_fraction": 0.0018, "top_k_scope": "tensor", "quantization": "int8", "zstd_level": 3}
+# Sparse Ternary Compression (Sattler et al. 2019): the global top 1%, sent as sign x mean magnitude.
+STC = {"top_k_fraction": 0.01, "top_k_scope": "global", "quantization": "sign", "zstd_level": 3}
 SCALED_FAULT = {"faulty_site": 3, "fault": "scaled_update", "update_scale": 10.0}
 FLIPPED_FAULT = {"faulty_site": 3, "fault": "scaled_update", "update_scale": -5.0}
 
@@ -73,8 +92,14 @@ METHODS: dict[str, Method] = {
                                                         "drop": ["num_transformer_layers", "num_heads"]}},
          "aggregation": {"strategy": "fedavg"}, "codec": DENSE},
     ),
-    "fedsegnet": Method("FedSegNet (Transformer U-Net + AAM + global top-1% int8 + local SGD)",
-                        {"aggregation": {"strategy": "aam"}, "codec": COMPRESSED_GLOBAL, "training": SGD_LOCAL}),
+    # FedSegNet's default since the compression experiment (results/README.md, "Compression"): the
+    # sites keep their SGD momentum across rounds and send a 7200-byte update (~300x below fp32 for
+    # the demo's and the experiments' model), k per tensor by energy.
+    "fedsegnet": Method("FedSegNet (Transformer U-Net + AAM + local SGD, momentum kept, 7200 B/update int8)",
+                        {"aggregation": {"strategy": "aam"}, "codec": BUDGET_300, "training": KEEP_OPTIMIZER}),
+    # FedSegNet until the compression experiment: global top-1% int8, a fresh optimizer every round.
+    "fedsegnet_global1": Method("FedSegNet before: global top-1% int8, fresh SGD momentum every round",
+                                {"aggregation": {"strategy": "aam"}, "codec": COMPRESSED_GLOBAL, "training": SGD_LOCAL}),
     "fedsegnet_tensor": Method("FedSegNet, per-tensor top-1% int8 (Transformer U-Net + AAM + local SGD)",
                                {"aggregation": {"strategy": "aam"}, "codec": COMPRESSED, "training": SGD_LOCAL}),
     "fedsegnet_top2_int4_global": Method(
@@ -98,6 +123,24 @@ METHODS: dict[str, Method] = {
         {"model": {"architecture": "cnn_unet", "options": {"drop": ["num_transformer_layers", "num_heads"]}},
          "aggregation": {"strategy": "aam"}, "codec": COMPRESSED_GLOBAL, "training": SGD_LOCAL},
     ),
+    "fedsegnet_dgc": Method(
+        "FedSegNet + DGC (momentum correction 0.5 and masking, clipping 5, warm-up 25% -> 1% over 4 rounds)",
+        {"aggregation": {"strategy": "aam"}, "codec": DGC_CODEC, "training": DGC_TRAINING}),
+    "fedsegnet_optstate": Method(
+        "FedSegNet + the sites' SGD momentum kept across rounds",
+        {"aggregation": {"strategy": "aam"}, "codec": COMPRESSED_GLOBAL, "training": KEEP_OPTIMIZER}),
+    "fedsegnet_optstate_servermom": Method(
+        "FedSegNet + sites' SGD momentum kept + server momentum 0.5",
+        {"aggregation": SERVER_MOMENTUM, "codec": COMPRESSED_GLOBAL, "training": KEEP_OPTIMIZER}),
+    "fedsegnet_budget500": Method(
+        "FedSegNet + sites' SGD momentum kept, byte budget 4300 B/update (int8)",
+        {"aggregation": {"strategy": "aam"}, "codec": BUDGET_500, "training": KEEP_OPTIMIZER}),
+    "fedsegnet_tensor300": Method(
+        "FedSegNet with per-tensor top-0.18% int8 (every tensor its share)",
+        {"aggregation": {"strategy": "aam"}, "codec": TENSOR_300, "training": SGD_LOCAL}),
+    "fedsegnet_stc": Method(
+        "FedSegNet with Sparse Ternary Compression (global top-1%, sign x mean; Sattler et al. 2019)",
+        {"aggregation": {"strategy": "aam"}, "codec": STC, "training": SGD_LOCAL}),
     "fedsegnet_no_aam": Method("FedSegNet without AAM (FedAvg)",
                                {"aggregation": {"strategy": "fedavg"}, "codec": COMPRESSED_GLOBAL, "training": SGD_LOCAL}),
     # Dense updates, so that the comparison isolates the aggregation rule.
@@ -122,7 +165,10 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "table5": ("fedsegnet", "fedsegnet_no_transformer", "fedsegnet_no_aam"),
     "faulty-site": ("faulty_fedavg", "faulty_aam", "faulty_scaled_fedavg", "faulty_scaled_aam",
                     "faulty_flipped_fedavg", "faulty_flipped_aam"),
-    "compression": ("fedavg_dense", "fedavg_top10", "fedavg_compressed"),
+    # Dense FedAvg against today's FedSegNet and each technique against its plateau (docs/compression.md).
+    "compression": ("fedavg_dense", "fedsegnet_global1", "fedsegnet_dgc", "fedsegnet_optstate",
+                    "fedsegnet_optstate_servermom", "fedsegnet", "fedsegnet_budget500", "fedsegnet_stc",
+                    "fedsegnet_tensor300"),
     # The project's two numeric targets side by side: Dice against centralized (trained with either
     # optimizer: the better one is the bar), bytes against dense; fedsegnet_tensor and
     # fedsegnet_adam isolate what the codec's top-k scope and the local optimizer each add.
@@ -134,7 +180,7 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "generalization": ("centralized", "fedavg_dense", "fedsegnet"),
 }
 # Experiments with their own base configuration (instead of the built-in demo.toml) and scales.
-EXPERIMENT_CONFIGS: dict[str, str] = {"generalization": "generalization.toml"}
+EXPERIMENT_CONFIGS: dict[str, str] = {"generalization": "generalization.toml", "compression": "compression.toml"}
 
 # What an experiment changes in the base configuration for all of its methods (before the methods'
 # own overrides): the BraTS-like task has four modalities; labels 0/1/2/4 map to 4 classes.
@@ -264,12 +310,38 @@ def run_experiment(
         stream.write(f"[{tag}] no finished method yet; nothing to tabulate\n")
         return {}
     table = render_table(name, runs)
-    (out / "table.md").write_text(table)
     summary = {m: summarize(r) for m, r in runs.items()}
+    extra_plots: list[Path] = []
+    if name == "compression":
+        from experiments.compression import (
+            compression_fields,
+            plot_coverage,
+            plot_diagnostics,
+            read_coverage,
+            read_diagnostics,
+            render_compression_table,
+        )
+
+        for m, r in runs.items():
+            method_dir = work_dir / scale / tag / m
+            # Runs recorded before these were kept, whose work folder is still here, get them now.
+            if not r.get("diagnostics") and (method_dir / "store").is_dir():
+                r["diagnostics"] = read_diagnostics(method_dir / "store")
+            if not r.get("coverage") and (method_dir / "states").is_dir():
+                r["coverage"] = read_coverage(method_dir / "states")
+            if r.get("coverage") or r.get("diagnostics"):
+                atomic_write_text(out / "runs" / f"{m}.json", json.dumps(r, indent=1))
+            summary[m].update(compression_fields(r, summary[m]["ratio_vs_dense_fp32"]))
+        table += "\n" + render_compression_table(summary)
+        extra_plots = plot_diagnostics(runs, out)
+        sizes = {n: int(v) for n, v in _tensor_sizes(runs).items()}
+        coverage_plot = plot_coverage(runs, sizes, out)
+        extra_plots += [coverage_plot] if coverage_plot else []
+    atomic_write_text(out / "table.md", table)
     atomic_write_text(out / "summary.json", json.dumps({"experiment": name, "scale": scale, "methods": summary}, indent=1))
     from experiments.plots import plot_runs
 
-    plots = plot_runs({METHODS[m].label: rows_of(r) for m, r in runs.items()}, out)
+    plots = plot_runs({METHODS[m].label: rows_of(r) for m, r in runs.items()}, out) + extra_plots
     stream.write("\n" + table + "\n" + "plots: " + ", ".join(str(p) for p in plots) + "\n")
     if name == "generalization":
         from experiments.generalization import finish_generalization
@@ -310,6 +382,11 @@ def _run_method(
                             resume_rows=resume_rows, stop_after_s=max_seconds, timeout_s=timeout_s)
     record = {"method": method, "label": METHODS[method].label, "config_digest": digest,
               "wall_seconds": wall_before + time.monotonic() - started, **result.to_json()}
+    if name == "compression":
+        from experiments.compression import read_diagnostics
+
+        # The sites' ef/* reports, kept in the record: the store stays behind in the work folder.
+        record["diagnostics"] = read_diagnostics(workdir / "store")
     if not result.finished:
         atomic_write_text(partial_path, json.dumps(record, indent=1))
         stream.write(f"[{tag}] {method}: stopped after round {len(result.rows)} (time limit); "
@@ -318,6 +395,17 @@ def _run_method(
     atomic_write_text(saved, json.dumps(record, indent=1))
     partial_path.unlink(missing_ok=True)
     return record
+
+
+def _tensor_sizes(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """Entries per tensor, from a finished run's final model (for the coverage plot's labels)."""
+    import codec
+
+    for record in runs.values():
+        path = record.get("final_model")
+        if path and Path(path).exists():
+            return {n: int(a.size) for n, a in codec.load_tensors(path).items()}
+    return {}
 
 
 def rows_of(record: Mapping[str, Any]) -> list[RoundRow]:

@@ -27,6 +27,7 @@ import numpy as np
 
 import codec
 from aggregator_service.config import read_config_tables
+from client_agent.state import split_site_state
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,9 @@ def last_round_inputs(state_dir: Path) -> tuple[str, int, int, list[tuple[str, n
     last = max(submitted)
     local = codec.load_tensors(state_dir / f"local-{last:04d}.frames")
     global_ = codec.load_tensors(state_dir / f"global-{last:04d}.frames")
-    residual = codec.load_tensors(state_dir / f"residual-{last - 1:04d}.frames") if last > 1 else None
+    # The residual file also holds the site's other state (velocity, ages, optimizer): only the residual.
+    residual = (split_site_state(codec.load_tensors(state_dir / f"residual-{last - 1:04d}.frames"))[0]
+                if last > 1 else None)
     deltas = [(name, local[name] - global_[name]) for name in global_]
     return str(agent.get("site", state_dir.name)), last, int(submitted[last]["bytes"]), deltas, residual
 

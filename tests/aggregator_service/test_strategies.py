@@ -48,10 +48,11 @@ class Dense:
 
 def test_every_strategy_is_a_class_with_only_its_own_parameters() -> None:
     assert list(STRATEGIES) == ["fedavg", "mean", "median", "trimmed_mean", "fedadam", "aam"]
-    assert strategies.parameters("fedavg") == ["strategy"]
+    # fedavg, mean and aam share server momentum (docs/compression.md)
+    assert strategies.parameters("fedavg") == ["strategy", "server_lr", "server_momentum"]
     assert strategies.parameters("trimmed_mean") == ["strategy", "trim_fraction"]
     assert strategies.parameters("fedadam") == ["strategy", "beta1", "beta2", "server_lr", "tau"]
-    assert strategies.parameters("aam") == ["strategy", "aam"]
+    assert strategies.parameters("aam") == ["strategy", "aam", "server_lr", "server_momentum"]
     for cls in STRATEGIES.values():
         assert isinstance(cls(), strategies.Strategy)
 
@@ -70,8 +71,8 @@ def test_from_table_builds_the_named_strategy(table: dict, expected: object) -> 
 
 @pytest.mark.parametrize(("table", "message"), [
     ({"strategy": "krum"}, r"unknown aggregation strategy 'krum'; allowed: \['fedavg', 'mean'"),
-    ({"name": "aam"}, r"unknown key\(s\) \['name'\] for strategy 'fedavg'; allowed: \['strategy'\]"),
-    ({"trim_fraction": 0.2}, r"unknown key\(s\) \['trim_fraction'\] for strategy 'fedavg'; allowed: \['strategy'\]"),
+    ({"name": "aam"}, r"unknown key\(s\) \['name'\] for strategy 'fedavg'; allowed: \['strategy', 'server_lr'"),
+    ({"trim_fraction": 0.2}, r"unknown key\(s\) \['trim_fraction'\] for strategy 'fedavg'; allowed: \['strategy', 'server_lr'"),
     ({"strategy": "median", "aam": {}}, r"\['aam'\] for strategy 'median'"),
     ({"strategy": "aam", "aam": {"temperature": 1.0}}, r"unknown AAM option\(s\) \['temperature'\]"),
     ({"strategy": "aam", "aam": 0.5}, "aam must be a table of AAM options"),

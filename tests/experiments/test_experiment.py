@@ -124,8 +124,8 @@ def test_make_demo_runs_what_table3_measures_as_fedsegnet() -> None:
     assert demo["federation"].pop("id") == "demo-fedsegnet"
     row["federation"].pop("id")
     assert demo == row
-    assert (demo["training"]["optimizer"], demo["codec"]["top_k_scope"], demo["aggregation"]["strategy"]) == (
-        "sgd", "global", "aam")
+    assert (demo["training"]["optimizer"], demo["training"]["keep_optimizer_state"], demo["codec"]["byte_budget"],
+            demo["aggregation"]["strategy"]) == ("sgd", True, 7200, "aam")
 
 
 def test_other_experiments_keep_the_tissue_task(tmp_path: Path) -> None:

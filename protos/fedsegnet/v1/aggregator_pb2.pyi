@@ -179,6 +179,9 @@ class TrainingConfig(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     OPTIMIZER_FIELD_NUMBER: _builtins.int
     MOMENTUM_FIELD_NUMBER: _builtins.int
+    MOMENTUM_CORRECTION_FIELD_NUMBER: _builtins.int
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
+    KEEP_OPTIMIZER_STATE_FIELD_NUMBER: _builtins.int
     local_epochs: _builtins.int
     """Local epochs per round."""
     learning_rate: _builtins.float
@@ -198,6 +201,19 @@ class TrainingConfig(_message.Message):
     """
     momentum: _builtins.float
     """SGD momentum in [0, 1); ignored by Adam."""
+    momentum_correction: _builtins.float
+    """Fields 11-19: how a site shapes a sparse update (docs/compression.md).
+    Deep Gradient Compression's momentum correction at round granularity, in [0, 1); 0 = off:
+    the site accumulates a velocity u = m u + delta of its round updates into the error-feedback
+    residual instead of the raw delta, and clears the velocity where entries were sent
+    (momentum-factor masking).
+    """
+    clip_norm: _builtins.float
+    """Local gradient clipping: the global L2 norm of each step's gradients is clipped to this; 0 = off."""
+    keep_optimizer_state: _builtins.bool
+    """Keep the local optimizer's state (SGD momentum buffers, Adam moments) across rounds, stored
+    with the residual in the site's state; false = a fresh optimizer every round.
+    """
     @_builtins.property
     def model(self) -> Global___ModelSpec:
         """The network to build; identical for every site of the federation."""
@@ -219,10 +235,13 @@ class TrainingConfig(_message.Message):
         seed: _builtins.int = ...,
         optimizer: _builtins.str = ...,
         momentum: _builtins.float = ...,
+        momentum_correction: _builtins.float = ...,
+        clip_norm: _builtins.float = ...,
+        keep_optimizer_state: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "codec", b"codec", "fedprox_mu", b"fedprox_mu", "lambda_dice", b"lambda_dice", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "model", b"model", "momentum", b"momentum", "optimizer", b"optimizer", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "clip_norm", b"clip_norm", "codec", b"codec", "fedprox_mu", b"fedprox_mu", "keep_optimizer_state", b"keep_optimizer_state", "lambda_dice", b"lambda_dice", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "model", b"model", "momentum", b"momentum", "momentum_correction", b"momentum_correction", "optimizer", b"optimizer", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
