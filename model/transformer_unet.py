@@ -33,7 +33,7 @@ slowly at the Adam learning rate the baselines train with (1e-3): after 60 steps
 loss was still about twice MONAI UNet's, and three times the learning rate closed the gap. The
 full-resolution levels dominate the cost, so the width went where it is cheap: 48–96–192 at
 1/4–1/16 of each side adds 124 GFLOP and learns as fast as UNet at 1e-3
-(``benchmarks/README.md``, "Why the lean default learned slowly"). Checkpoints written under the
+(``benchmarks/README.md``, "Why the first lean default learned slowly"). Checkpoints written under the
 earlier widths name no ``channels``; :func:`model.load_checkpoint` reads their widths back from
 the weights.
 
