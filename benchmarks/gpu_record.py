@@ -14,9 +14,10 @@ after every phase, so a run cut short still leaves a record:
 3. **Dice at equal steps** (share 0.25) — every network trains the same number of steps (as many
    as the measured speeds fit into the share) on the federation's generated site data, pooled,
    and is scored (mean foreground Dice) on the held-out cases (``dice_equal_steps.train_curve``);
-   the data are generated first (``experiments.sitedata.generate_federation``, the generator of
-   ``fedseg make-data``, with the federation's parameters: the federation then reuses them) and
-   resampled to 128³ by the sites' pipeline;
+   the data are generated first (the generator the configuration names, as ``fedseg make-data``
+   does: ``gpu-128.toml`` takes the randomized whole-brain tissue sites of ``experiments.synth``;
+   with the federation's parameters, so the federation then reuses them) and resampled to 128³
+   by the sites' pipeline;
 4. **federation** (the rest) — ``experiments.simulate.run_simulation`` (what ``fedseg simulate``
    runs) with ``experiments/configs/gpu-128.toml``: 5 sites, 128³, FedSegNet, the real aggregator
    and agents, as many rounds as fit; resumable (run again with the same ``--workdir``); seconds
@@ -309,12 +310,14 @@ def phase_data(rec: Record, args: argparse.Namespace, sim: Any) -> Any:
     from experiments.simulate import TASK_LABEL_MAPS
 
     started = time.monotonic()
-    print(f"[data] generating / loading {sim.sites} sites ({sim.task}, {sim.size}³ at {sim.spacing_mm} mm)", flush=True)
+    print(f"[data] generating / loading {sim.sites} sites ({sim.generator} generator, {sim.task}, {sim.size}³ at "
+          f"{sim.spacing_mm} mm)", flush=True)
     data = load_sites(args.workdir / "federation" / "data", size=args.shape, gen_size=sim.size, sites=sim.sites,
                       cases_per_site=sim.cases_per_site, test_cases=sim.test_cases, task=sim.task, seed=sim.seed,
-                      spacing_mm=sim.spacing_mm, label_map=TASK_LABEL_MAPS[sim.task], max_test=args.test_cases)
+                      spacing_mm=sim.spacing_mm, label_map=TASK_LABEL_MAPS[sim.task], max_test=args.test_cases,
+                      generator=sim.generator)
     rec.phase("data", started, "done", train_cases=int(data.train_x.shape[0]), test_cases=len(data.test),
-              generated_size=sim.size, spacing_mm=sim.spacing_mm, task=sim.task)
+              generated_size=sim.size, spacing_mm=sim.spacing_mm, task=sim.task, generator=sim.generator)
     return data
 
 
@@ -502,7 +505,8 @@ def smoke_config(workdir: Path) -> Path:
     else:  # pragma: no cover
         import tomli as tomllib
     data = tomllib.loads(CONFIG.read_text())
-    data["simulation"].update(sites=2, cases_per_site=[2, 2], test_cases=1, size=32, spacing_mm=4.0)
+    # 32³ at 6 mm keeps the whole brain (192 mm) in view, as 64³ at 3 mm does
+    data["simulation"].update(sites=2, cases_per_site=[2, 2], test_cases=1, size=32, spacing_mm=6.0)
     data["federation"].update(id="gpu-128-smoke", rounds=1, min_clients=2, max_clients=2, sites=["site-1", "site-2"],
                               round_timeout_s=300)
     data["model"]["img_size"] = [32, 32, 32]

@@ -4,7 +4,7 @@
 random ``(B, 4, S, S, S)`` batch with random labels of 4 classes, every network built through
 ``model.build_model`` with the project's defaults:
 
-* ``transformer_unet`` — ours, the lean default (``channels=(8, 16, 32, 64, 128)``, 2 transformer
+* ``transformer_unet`` — ours, the lean default (``channels=(8, 16, 48, 96, 192)``, 2 transformer
   layers, 4 heads at 1/16 of each side);
 * ``unet`` — MONAI UNet, channels 16–256, strides 2, 2 residual units, instance norm;
 * ``unetr`` — MONAI UNETR, ``feature_size=16``, ``hidden_size=768``, 12 heads;

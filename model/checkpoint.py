@@ -26,6 +26,7 @@ from torch import nn
 
 from codec import atomic_writer
 from model.registry import build_model
+from model.transformer_unet import DEFAULT_CHANNELS
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "check_state_dict", "save_checkpoint", "load_checkpoint"]
 
@@ -118,12 +119,34 @@ def save_checkpoint(
         torch.save(payload, f)
 
 
+def _stored_channels(state: Mapping[str, Any]) -> list[int] | None:
+    # The encoder widths as the weights hold them: the stem's output, then each down level's
+    # strided convolution's output ("down.{i}.0.conv.weight", shape (c_out, c_in, 3, 3, 3)).
+    stem = state.get("stem.conv.weight", state.get("stem.conv1.weight"))
+    if stem is None:
+        return None
+    channels = [int(stem.shape[0])]
+    while (w := state.get(f"down.{len(channels) - 1}.0.conv.weight")) is not None:
+        channels.append(int(w.shape[0]))
+    return channels
+
+
 def _with_design_of_old_checkpoint(architecture: str, config: dict[str, Any], state: Mapping[str, Any]) -> dict[str, Any]:
     # Checkpoints written before TransformerUNet3D's lean default name no design: their weights
     # have the classic layout (a residual ConvBlock as stem, hence "stem.conv1.weight"; the lean
     # stem is "stem.conv.weight"). Rebuild that network rather than fail on the key mismatch.
-    if architecture in ("transformer_unet", "cnn_unet") and "design" not in config and "stem.conv1.weight" in state:
-        return {**config, "design": "classic"}
+    # Likewise a checkpoint that names no channels was written with the default widths of its
+    # time (the lean default was (8, 16, 32, 64, 128) before it became (8, 16, 48, 96, 192)): the
+    # widths are read back from the weights, so it rebuilds the network it was trained as.
+    if architecture not in ("transformer_unet", "cnn_unet"):
+        return config
+    if "design" not in config and "stem.conv1.weight" in state:
+        config = {**config, "design": "classic"}
+    if "channels" not in config:
+        channels = _stored_channels(state)
+        design = config.get("design", "lean")
+        if channels is not None and design in DEFAULT_CHANNELS and channels != list(DEFAULT_CHANNELS[design]):
+            config = {**config, "channels": channels}
     return config
 
 
@@ -135,7 +158,9 @@ def load_checkpoint(
     Returns:
         ``(model, meta)``: the network built with :func:`model.build_model` from the stored
         architecture and config (a Transformer U-Net checkpoint from before the lean default,
-        which names no ``design``, gets ``design="classic"`` added), with the stored weights, in the mode ``build_model`` gives
+        which names no ``design``, gets ``design="classic"`` added; one that names no ``channels``
+        gets the widths its weights have, so a change of the default widths does not orphan it),
+        with the stored weights, in the mode ``build_model`` gives
         (train); and ``meta = {"architecture", "config", "extra", "version"}``.
 
     Raises:

@@ -6,7 +6,7 @@ works as long as it is the same in training and inference); token sequences at t
 are ``(B, N, E)`` with ``N = d * h * w`` tokens of width ``E = channels[-1]``.
 
 Layout of the default ``design="lean"`` (``channels = (c0, c1, …, cL)``, ``L = len(channels) - 1``
-strided-convolution downsamplings; default ``(8, 16, 32, 64, 128)``, so ``L = 4``)::
+strided-convolution downsamplings; default ``(8, 16, 48, 96, 192)``, so ``L = 4``)::
 
     x (B, C_in, D, H, W)
       stem   ConvNormAct(C_in → c0)                       → s0 (B, c0, D, H, W)      one thin conv
@@ -25,8 +25,17 @@ multiply-add is paid D·H·W times; the lean design keeps only one thin convolut
 it and puts the width (and the residual blocks) where the grid is small. The attention runs at
 1/16 of each side (8³ = 512 tokens at 128³), where it is cheap, through
 ``F.scaled_dot_product_attention``. At 128³, 4 channels, 4 classes, batch 2 a training step
-(forward + backward) costs about 331 GFLOP against 1,667 for the ``classic`` design
+(forward + backward) costs about 455 GFLOP against 1,667 for the ``classic`` design
 (``benchmarks/train_speed.py --flops-only``).
+
+Why these widths: the first lean default, ``(8, 16, 32, 64, 128)`` (331 GFLOP), learned too
+slowly at the Adam learning rate the baselines train with (1e-3): after 60 steps its training
+loss was still about twice MONAI UNet's, and three times the learning rate closed the gap. The
+full-resolution levels dominate the cost, so the width went where it is cheap: 48–96–192 at
+1/4–1/16 of each side adds 124 GFLOP and learns as fast as UNet at 1e-3
+(``benchmarks/README.md``, "Why the first lean default learned slowly"). Checkpoints written under the
+earlier widths name no ``channels``; :func:`model.load_checkpoint` reads their widths back from
+the weights.
 
 ``design="classic"`` is the network before the lean default: residual :class:`ConvBlock` blocks at
 every level, full resolution included (default channels then ``(16, 32, 64, 128)``). It stays
@@ -50,7 +59,7 @@ __all__ = ["DESIGNS", "DEFAULT_CHANNELS", "TransformerUNet3D"]
 #: block layouts: ``lean`` (the default) and ``classic`` (the network before it)
 DESIGNS: tuple[str, ...] = ("lean", "classic")
 #: default encoder widths per design, coarsest last
-DEFAULT_CHANNELS: dict[str, tuple[int, ...]] = {"lean": (8, 16, 32, 64, 128), "classic": (16, 32, 64, 128)}
+DEFAULT_CHANNELS: dict[str, tuple[int, ...]] = {"lean": (8, 16, 48, 96, 192), "classic": (16, 32, 64, 128)}
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -68,7 +77,7 @@ class TransformerUNet3D(nn.Module):
         channels: feature width of each encoder level, coarsest last; ``len(channels) - 1``
             strided-conv downsamplings, so ``D, H, W`` must be divisible by :attr:`size_divisor`
             ``= 2 ** (len(channels) - 1)``. ``None`` (default): :data:`DEFAULT_CHANNELS` of the
-            design, ``(8, 16, 32, 64, 128)`` for ``lean``.
+            design, ``(8, 16, 48, 96, 192)`` for ``lean``.
         num_transformer_layers: transformer blocks at the bottleneck; ``0`` gives a plain residual
             CNN U-Net (the ``cnn_unet`` ablation).
         num_heads: attention heads; must divide ``channels[-1]``.

@@ -88,7 +88,7 @@ def test_transformer_adds_exactly_its_blocks_parameters() -> None:
 
 def test_parameter_counts_of_documented_configs() -> None:
     # Pinned so that a silent architecture change shows up (and the report's numbers stay true).
-    assert n_params(TransformerUNet3D(in_channels=1, out_channels=4)) == 2_404_820
+    assert n_params(TransformerUNet3D(in_channels=1, out_channels=4)) == 5_338_820  # (8, 16, 48, 96, 192); the lean default before it, (8, 16, 32, 64, 128): 2_404_820
     assert n_params(tiny()) == 129_684
     # the network before the lean default, still built by design="classic"
     assert n_params(TransformerUNet3D(in_channels=1, out_channels=4, design="classic")) == 2_390_196
@@ -99,7 +99,7 @@ def test_lean_default_layout() -> None:
     net = TransformerUNet3D(in_channels=4, out_channels=4)
 
     assert net.design == "lean"
-    assert net.channels == (8, 16, 32, 64, 128)
+    assert net.channels == (8, 16, 48, 96, 192)
     assert net.size_divisor == 16
     # one thin convolution on each side of full resolution, residual blocks below
     assert isinstance(net.stem, ConvNormAct)
