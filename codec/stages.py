@@ -294,6 +294,16 @@ class Fp16Coder:
         return np.frombuffer(data, dtype="<f2", count=count).astype(dtype)
 
 
+def read_block_scales(data: bytes | memoryview, offset: int, count: int, block: int, kind: str, what: str) -> np.ndarray:
+    """The float32 scales after a value section's codes: one per ``block`` values, finite and >= 0."""
+    scale = np.frombuffer(data, dtype="<f4", offset=offset)
+    if scale.size != -(-count // block):
+        raise CodecError(f"{what}: {scale.size} scales for {count} values in blocks of {block}")
+    if scale.size and not (np.all(np.isfinite(scale)) and scale.min() >= 0):
+        raise CodecError(f"{what}: negative or non-finite {kind} scale")
+    return scale
+
+
 @dataclass(frozen=True)
 class IntCoder:
     """Signed integer codes in [-levels, levels] with one float32 scale per block.
@@ -386,11 +396,7 @@ class IntCoder:
     def decode(self, data: bytes | memoryview, count: int, dtype: np.dtype, what: str) -> np.ndarray:
         nbytes = self._code_bytes(count)
         raw = np.frombuffer(data, dtype=np.uint8, count=nbytes)
-        scale = np.frombuffer(data, dtype="<f4", offset=nbytes)
-        if scale.size != -(-count // self.block):
-            raise CodecError(f"{what}: {scale.size} scales for {count} values in blocks of {self.block}")
-        if scale.size and not (np.all(np.isfinite(scale)) and scale.min() >= 0):
-            raise CodecError(f"{what}: negative or non-finite quantization scale")
+        scale = read_block_scales(data, nbytes, count, self.block, "quantization", what)
         if self.bits == 8:
             codes = raw.view(np.int8)
             if codes.size and codes.min() < -self.levels:
@@ -485,11 +491,7 @@ class SignCoder:
     def decode(self, data: bytes | memoryview, count: int, dtype: np.dtype, what: str) -> np.ndarray:
         nbytes = (count + 7) // 8
         raw = np.frombuffer(data, dtype=np.uint8, count=nbytes)
-        scale = np.frombuffer(data, dtype="<f4", offset=nbytes)
-        if scale.size != -(-count // self.block):
-            raise CodecError(f"{what}: {scale.size} scales for {count} values in blocks of {self.block}")
-        if scale.size and not (np.all(np.isfinite(scale)) and scale.min() >= 0):
-            raise CodecError(f"{what}: negative or non-finite sign scale")
+        scale = read_block_scales(data, nbytes, count, self.block, "sign", what)
         bits = np.unpackbits(raw, bitorder="little")
         if bits[count:].any():
             raise CodecError(f"{what}: sign padding bits are not zero")
