@@ -9,8 +9,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable
 
 import grpc
 
@@ -120,6 +123,22 @@ def run_agent(
         reporter.close()
         log = [json.loads(line) for line in stream.getvalue().splitlines()]
     return AgentRun(code, log)
+
+
+def spawn_agent_process(
+    site_dir: Path, target: str, state_dir: Path, cache_dir: Path, log_file: IO[bytes], *, site: str = "site-a",
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """A real ``client-agent`` process (4 classes, no augmentation, JSON log), for tests that kill it."""
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.Popen(
+        [sys.executable, "-m", "client_agent.cli", "--data", str(site_dir), "--aggregator", target,
+         "--site", site, "--state-dir", str(state_dir), "--cache-dir", str(cache_dir),
+         "--device", "cpu", "--augment", "no", "--val-fraction", "0.34", "--num-classes", "4",
+         "--log-format", "json"],
+        cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), **(env or {})},
+        stdout=log_file, stderr=subprocess.STDOUT,
+    )
 
 
 def frames_digest(frames: Iterable[bytes]) -> str:

@@ -9,10 +9,7 @@ against a real aggregator on loopback; faults come from a TCP proxy between them
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ from agent_federation import (
     frames_digest,
     run_agent,
     settings,
+    spawn_agent_process,
 )
 from client_agent.agent import load_arrays, model_from_config
 from client_agent.data import build_datasets
@@ -42,7 +40,6 @@ from support import wait_for
 # Every test here starts processes (make test-fast leaves them out).
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 SITE = "site-a"
 
 
@@ -176,13 +173,7 @@ def test_process_killed_mid_upload_resends_the_same_update_once(mni_site: Path, 
     ) as proxy:
         log_path = tmp_path / "agent.log"
         with open(log_path, "wb") as log_file:
-            agent = subprocess.Popen(
-                [sys.executable, "-m", "client_agent.cli", "--data", str(mni_site), "--aggregator", proxy.address,
-                 "--site", SITE, "--state-dir", str(state), "--cache-dir", str(tmp_path / "cache"),
-                 "--device", "cpu", "--augment", "no", "--val-fraction", "0.34", "--num-classes", "4",
-                 "--log-format", "json"],
-                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log_file, stderr=subprocess.STDOUT,
-            )
+            agent = spawn_agent_process(mni_site, proxy.address, state, tmp_path / "cache", log_file, site=SITE)
             try:
                 wait_for(lambda: proxy.stalled.is_set() or agent.poll() is not None, "the upload to start", 240)
                 assert agent.poll() is None, log_path.read_text()

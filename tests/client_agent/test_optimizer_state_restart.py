@@ -7,10 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,13 +15,20 @@ import numpy as np
 import pytest
 
 import codec
-from agent_federation import LOSSY, Federation, agent_json, federation_config, run_agent, settings
+from agent_federation import (
+    LOSSY,
+    Federation,
+    agent_json,
+    federation_config,
+    run_agent,
+    settings,
+    spawn_agent_process,
+)
 from aggregator_service.config import TrainingSettings
 from client_agent.state import split_site_state
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 SITE = "site-a"
 ROUNDS = 4
 
@@ -47,14 +51,8 @@ def test_optimizer_state_and_velocity_survive_sigkill(mni_site: Path, tmp_path: 
     with Federation(tmp_path, config) as fed:
         log_path = tmp_path / "agent.log"
         with open(log_path, "wb") as log_file:
-            agent = subprocess.Popen(
-                [sys.executable, "-m", "client_agent.cli", "--data", str(mni_site), "--aggregator", fed.target,
-                 "--site", SITE, "--state-dir", str(state), "--cache-dir", str(tmp_path / "cache"),
-                 "--device", "cpu", "--augment", "no", "--val-fraction", "0.34", "--num-classes", "4",
-                 "--log-format", "json"],
-                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-                stdout=log_file, stderr=subprocess.STDOUT,
-            )
+            agent = spawn_agent_process(mni_site, fed.target, state, tmp_path / "cache", log_file, site=SITE,
+                                        env={"OMP_NUM_THREADS": "1"})
             try:
                 end = time.monotonic() + 240
                 while not ((state / "agent.json").exists() and "1" in agent_json(state)["submitted"]):
