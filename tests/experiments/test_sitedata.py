@@ -55,6 +55,7 @@ def brats(tmp_path_factory: pytest.TempPathFactory) -> FederationData:
 # --- templates ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # builds the 1 mm templates (seconds of CPU)
 def test_templates_at_2mm_are_block_means_of_the_1mm_volumes() -> None:
     one, two = load_templates(1.0), load_templates(2.0)
 
@@ -316,6 +317,7 @@ def test_describe_lists_each_folder_with_its_case_count(tissue: FederationData) 
     assert "invert=True" in lines[3]
 
 
+@pytest.mark.slow  # the default generator builds the synth templates (seconds of CPU)
 def test_main_generate_writes_and_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main_generate(["--out", str(tmp_path / "cli"), "--sites", "2", "--cases", "1,2", "--test-cases", "1",
                           "--size", "16"])
