@@ -10,9 +10,9 @@ import pytest
 from hypothesis import settings
 
 # Hypothesis profiles: the default runs each property test's full count (hypothesis's 100, or the test's own
-# max_examples); `--hypothesis-profile=fast` (`make test-fast`) a fifth of it. Tests that set their own count
+# max_examples); `--hypothesis-profile=fast` (`make test-fast`) a tenth of it. Tests that set their own count
 # write it as support.examples(n), which scales with the profile.
-settings.register_profile("fast", max_examples=20)
+settings.register_profile("fast", max_examples=10)
 
 # torch and numpy's BLAS on one thread unless the caller chose otherwise: set before any test module
 # imports them, and inherited by the processes tests start. On a few shared cores more threads only spin

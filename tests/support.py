@@ -28,7 +28,7 @@ def examples(n: int) -> int:
     """``n`` examples under hypothesis's default profile, as many fewer as the active profile has fewer.
 
     Explicit ``settings(max_examples=...)`` overrides any profile, so a test that wants more (or fewer)
-    than the default writes ``settings(max_examples=examples(n))``: ``n`` in ``make test``, about n/5 under
+    than the default writes ``settings(max_examples=examples(n))``: ``n`` in ``make test``, about n/10 under
     ``--hypothesis-profile=fast`` (tests/conftest.py).
     """
     scale = settings.default.max_examples / settings.get_profile("default").max_examples

@@ -89,6 +89,7 @@ def test_best_checkpoint_is_the_best_epoch_of_pooled_folders(fed, tmp_path: Path
     assert meta["extra"]["epoch"] == summary.best_epoch
 
 
+@pytest.mark.slow  # trains for several epochs
 def test_sgd_trains_the_centralized_baseline_as_the_sites_would(fed, tmp_path: Path) -> None:
     summary = train_centralized(settings(fed, tmp_path / "sgd.pt", optimizer="sgd", momentum=0.9, lr=0.1,
                                          epochs=2, img_size=16))

@@ -174,6 +174,7 @@ def test_a_dense_sign_frame_takes_one_bit_per_value_and_one_scale(count):
     assert x.nbytes / len(frames[0]) >= (25 if count >= 1000 else 0)
 
 
+@pytest.mark.slow  # 9 M values: the size is what is tested
 def test_a_tensor_of_several_parts_uses_one_scale_in_every_part():
     rng = np.random.default_rng(2)
     x = rng.standard_normal(9_000_000).astype(F32)  # more than one frame of 1-bit values

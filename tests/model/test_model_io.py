@@ -188,7 +188,8 @@ def test_bad_window_arguments_are_refused(net: nn.Module, kwargs: dict, message:
     [
         ("cnn_unet", dict(channels=[8, 16, 32]), [16, 16, 16]),
         ("unet", dict(channels=[4, 8, 16], strides=[2, 2]), [16, 16, 16]),
-        ("unetr", dict(feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4), [32, 32, 32]),
+        pytest.param("unetr", dict(feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4), [32, 32, 32],
+                     marks=pytest.mark.slow),  # builds UNETR three times (a second of CPU)
         # SwinUNETR cannot be built on the meta device: this also covers the CPU fallback of the save-time check
         pytest.param("swin_unetr", dict(feature_size=12, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1]), [32, 32, 64],
                      marks=pytest.mark.slow),  # builds SwinUNETR three times (seconds of CPU)
