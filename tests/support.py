@@ -25,10 +25,10 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0, 
 
 
 def examples(n: int) -> int:
-    """``n`` examples under hypothesis's default profile, as many fewer as the active profile has fewer.
+    """``n`` scaled by the active hypothesis profile's count over the default profile's (100).
 
-    Explicit ``settings(max_examples=...)`` overrides any profile, so a test that wants more (or fewer)
-    than the default writes ``settings(max_examples=examples(n))``: ``n`` in ``make test``, about n/10 under
+    An explicit ``settings(max_examples=...)`` overrides every profile, so a test that wants its own count
+    writes ``settings(max_examples=examples(n))``: ``n`` in ``make test``, n/10 (at least 1) under
     ``--hypothesis-profile=fast`` (tests/conftest.py).
     """
     scale = settings.default.max_examples / settings.get_profile("default").max_examples
