@@ -34,9 +34,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# Everything but the tests marked slow (those that start processes or train for long).
+# Everything but the tests marked slow (those that start processes, train, generate or render for long), each
+# property test with a tenth of its hypothesis examples (tests/conftest.py): under a minute on 2 cores.
+# `make test` runs every test with the full counts.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --hypothesis-profile=fast
 
 # ruff (pyflakes and pycodestyle's error classes) on all the code, mypy on the packages; both clean.
 LINT_PACKAGES := protos codec model aggregator_service client_agent experiments fedseg

@@ -1,6 +1,7 @@
 """Helpers shared by several test files (plain functions; the shared fixtures are in conftest.py).
 
 * :func:`wait_for`: poll a condition with a deadline, failing with what was awaited.
+* :func:`examples`: a property test's example count, scaled by the hypothesis profile.
 * :func:`federation_toml`: the federation TOML of a tiny federation whose model trains on a CPU
   in seconds (a 2- or 3-level Transformer U-Net with one transformer layer).
 """
@@ -11,6 +12,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from hypothesis import settings
+
 
 def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0, poll_s: float = 0.02) -> None:
     """Return once ``condition()`` holds; AssertionError naming ``what`` after ``timeout_s``."""
@@ -19,6 +22,17 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0, 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(poll_s)
+
+
+def examples(n: int) -> int:
+    """``n`` scaled by the active hypothesis profile's count over the default profile's (100).
+
+    An explicit ``settings(max_examples=...)`` overrides every profile, so a test that wants its own count
+    writes ``settings(max_examples=examples(n))``: ``n`` in ``make test``, n/10 (at least 1) under
+    ``--hypothesis-profile=fast`` (tests/conftest.py).
+    """
+    scale = settings.default.max_examples / settings.get_profile("default").max_examples
+    return max(1, round(n * scale))
 
 
 def federation_toml(

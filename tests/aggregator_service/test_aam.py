@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from support import examples
 
 from aggregator_service.aam import (
     AAMConfig,
@@ -427,7 +428,7 @@ def test_ablation_switches() -> None:
 
 # ----------------------------------------------------------------------------------------- properties
 
-PROPERTY_SETTINGS = settings(max_examples=100, deadline=None)
+PROPERTY_SETTINGS = settings(max_examples=examples(100), deadline=None)
 
 metric_dice = st.none() | st.floats(0.0, 1.0)
 metric_hd95 = st.none() | st.floats(0.0, 200.0) | st.just(math.inf)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from support import examples
 
 from aggregator_service.aggregation import (
     cast_to_dtype,
@@ -107,7 +108,7 @@ def test_zero_weight_skips_non_finite_array() -> None:
     np.testing.assert_array_equal(result, [1.0, 2.0])
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(
     arrays=st.lists(
         hnp.arrays(np.float32, (3, 2), elements=st.floats(-1e3, 1e3, width=32)), min_size=1, max_size=6

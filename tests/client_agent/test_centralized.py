@@ -73,6 +73,7 @@ def test_checkpoint_rebuilds_with_its_preprocessing(trained) -> None:
     assert net(torch.zeros(1, 1, SIZE, SIZE, SIZE)).shape == (1, 4, SIZE, SIZE, SIZE)
 
 
+@pytest.mark.slow  # trains for several epochs
 def test_best_checkpoint_is_the_best_epoch_of_pooled_folders(fed, tmp_path: Path) -> None:
     # A second folder holding the same case ids: pooled as distinct cases, not deduplicated.
     out = tmp_path / "pooled.pt"
@@ -89,6 +90,7 @@ def test_best_checkpoint_is_the_best_epoch_of_pooled_folders(fed, tmp_path: Path
     assert meta["extra"]["epoch"] == summary.best_epoch
 
 
+@pytest.mark.slow  # trains for several epochs
 def test_sgd_trains_the_centralized_baseline_as_the_sites_would(fed, tmp_path: Path) -> None:
     summary = train_centralized(settings(fed, tmp_path / "sgd.pt", optimizer="sgd", momentum=0.9, lr=0.1,
                                          epochs=2, img_size=16))
@@ -108,6 +110,7 @@ def test_bad_optimizer_settings_are_refused(fed, tmp_path: Path, overrides: dict
         settings(fed, tmp_path / "x.pt", **overrides)
 
 
+@pytest.mark.slow  # trains twice
 def test_training_is_reproducible_from_the_seed(fed, tmp_path: Path) -> None:
     # Augmentation on: its random draws must come from the seed too.
     first = train_centralized(settings(fed, tmp_path / "a.pt", augment=True, seed=3, img_size=16))

@@ -18,8 +18,9 @@ TINY = {"channels": [4, 8, 16], "num_transformer_layers": 1, "num_heads": 2}
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    # 48³ at 2 mm: the 96 mm field of view of the 24³ grid at 4 mm, on the templates other tests load too.
     fed = generate_federation(tmp_path_factory.mktemp("fed") / "data", sites=1, cases_per_site=3, test_cases=1,
-                              size=32, spacing_mm=3.0)
+                              size=48, spacing_mm=2.0)
     out = tmp_path_factory.mktemp("train") / "best.pt"
     train_centralized(TrainSettings(data_dirs=(fed.site_dirs[0],), val_dirs=(fed.test_dir,), out=out, img_size=24,
                                     options=TINY, epochs=1, lr=2e-3, device="cpu", augment=False, spacing_mm=4.0))

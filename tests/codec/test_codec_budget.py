@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import examples
 
 import codec
 from codec import CodecError, CodecSpec
@@ -46,7 +47,7 @@ def update(seed: int = 0) -> dict[str, np.ndarray]:
 finite32 = st.floats(-1e4, 1e4, width=32, allow_subnormal=False)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     a=hnp.arrays(np.float32, st.integers(1, 400), elements=finite32),
     b=hnp.arrays(np.float16, st.integers(1, 60), elements=st.floats(-100, 100, width=16)),

@@ -11,11 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from support import examples
 
 import codec
 from codec import MAX_FRAME_BYTES, CodecError
 
-FAST = settings(max_examples=60, deadline=None)
+FAST = settings(max_examples=examples(60), deadline=None)
 DTYPES = [np.float32, np.float16, np.float64, np.int64, np.int8, np.uint16, np.bool_, np.complex64]
 shapes = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=9)
 SPECIAL_F32 = np.array([np.nan, -np.nan, np.inf, -np.inf, -0.0, 0.0], np.float32)

@@ -11,6 +11,7 @@ import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import examples
 
 import codec
 from codec import MAX_FRAME_BYTES, CodecError, CodecSpec
@@ -70,7 +71,7 @@ def test_the_fixture_frames_are_valid_and_small():
     decode_all(FRAMES[:3])
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.sampled_from(FRAMES), st.lists(st.integers(0, 10**9), min_size=1, max_size=3, unique=True))
 def test_any_bit_flip_is_detected(frame, positions):
     corrupted = bytearray(frame)
@@ -82,14 +83,14 @@ def test_any_bit_flip_is_detected(frame, positions):
         decode_all([bytes(corrupted)])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.sampled_from(FRAMES), st.integers(0, 10**9))
 def test_any_truncated_frame_is_refused(frame, cut):
     with pytest.raises(CodecError):
         decode_all([frame[: cut % len(frame)]])
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.binary(max_size=2000)
        | st.binary(max_size=2000).map(lambda b: b"FSNF\x01\x00\x00\x00" + b)  # not a format (any more)
        | st.binary(max_size=2000).map(lambda b: b"FSN2" + b))
@@ -101,7 +102,7 @@ def test_random_bytes_are_refused(data):
 
 
 @pytest.mark.slow  # 150 examples
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(st.sampled_from(FRAMES), st.data())
 def test_any_header_bytes_with_a_valid_checksum_are_refused_or_read_back_canonically(frame, data):
     # The header's own checksum is fixed up, so the field parser itself sees the junk.
@@ -129,7 +130,7 @@ def test_any_header_bytes_with_a_valid_checksum_are_refused_or_read_back_canonic
         pass  # e.g. the payload checksum no longer matches
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.sampled_from(FRAMES),
        st.sampled_from(["part", "parts", "start", "stop", "crc", "count", "size"]),
        st.integers(0, 2**63 - 1) | st.integers(0, 2000))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import examples
 
 import codec
 from codec import CodecSpec
@@ -70,7 +71,7 @@ def headers(draw: st.DrawFn) -> FrameHeader:
 
 
 @pytest.mark.slow  # 300 examples
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(headers())
 def test_a_header_reads_back_as_written(header):
     written = encode_header(header)
@@ -82,7 +83,7 @@ def test_a_header_reads_back_as_written(header):
     assert encode_header(read) == written
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(headers())
 def test_a_frame_reads_back_its_header_and_payload(header):
     payload = bytes(range(256)) * (header.size // 256) + bytes(header.size % 256) if not header.compressed else b"z"

@@ -9,12 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from support import examples
 
 import codec
 from codec import LOSSLESS, MAX_FRAME_BYTES, CodecError, CodecSpec
 
 shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=7)
-FAST = settings(max_examples=60, deadline=None)
+FAST = settings(max_examples=examples(60), deadline=None)
 
 
 def roundtrip(tensors, spec=LOSSLESS):

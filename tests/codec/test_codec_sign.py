@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import examples
 
 import codec
 from codec import CodecError, CodecSpec
@@ -43,7 +44,7 @@ def test_without_a_fitted_scale_each_block_scales_by_its_own_mean_magnitude():
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(data=st.data())
 def test_sign_decodes_to_plus_or_minus_the_scale_in_the_tensors_dtype(dtype, data):
     values = data.draw(hnp.arrays(dtype, st.integers(0, 300), elements=st.floats(-1e3, 1e3, width=16)))
@@ -103,7 +104,7 @@ def test_stc_sends_the_top_k_as_plus_or_minus_their_mean_magnitude():
     assert codec.read_header(frames[0]).encoding == "topk+sign"
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     array=st.sampled_from([np.float32, np.float16, np.float64]).flatmap(
         lambda dt: hnp.arrays(dt, st.integers(0, 500), elements=st.floats(-1e4, 1e4, width=16))
@@ -173,6 +174,7 @@ def test_a_dense_sign_frame_takes_one_bit_per_value_and_one_scale(count):
     assert x.nbytes / len(frames[0]) >= (25 if count >= 1000 else 0)
 
 
+@pytest.mark.slow  # 9 M values: the size is what is tested
 def test_a_tensor_of_several_parts_uses_one_scale_in_every_part():
     rng = np.random.default_rng(2)
     x = rng.standard_normal(9_000_000).astype(F32)  # more than one frame of 1-bit values

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import examples
 
 from codec import LOSSLESS, CodecError, CodecSpec
 
@@ -85,7 +86,7 @@ specs = st.builds(
 )
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(specs)
 def test_to_fields_then_from_message_gives_back_the_spec(spec):
     fields = spec.to_fields()

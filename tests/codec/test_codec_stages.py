@@ -8,6 +8,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from support import examples
 
 from codec import CodecError
 from codec.select import GlobalThreshold, keep_count, top_k_positions
@@ -46,7 +47,7 @@ def test_varint_matches_leb128(value, encoded):
     assert varint_decode(encoded, 1, "t").tolist() == [value]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(st.integers(0, 2**63 - 1), max_size=200))
 def test_varint_round_trip(values):
     array = np.array(values, dtype=np.uint64)
@@ -87,7 +88,7 @@ def test_dense_positions_use_a_bitmap():
     assert (coding, data) == ("bitmap", bytes([0b10110111]))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.integers(1, 3000).flatmap(lambda n: st.tuples(st.just(n), st.sets(st.integers(0, n - 1)))))
 def test_index_coding_round_trip(case):
     n, chosen = case
@@ -146,7 +147,7 @@ def test_int4_packs_two_codes_per_byte_low_nibble_first():
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("stochastic", [False, True])
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     values=hnp.arrays(F32, st.integers(0, 300), elements=st.floats(-1e6, 1e6, width=32)),
     block=st.integers(1, 64),
@@ -177,7 +178,7 @@ def test_stochastic_rounding_is_unbiased():
     assert abs(np.mean(codes) - 31.75) < 0.1
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(hnp.arrays(F32, st.integers(0, 100), elements=st.floats(-1e9, 1e9, width=32)))
 def test_fp16_rounds_to_nearest_half_and_keeps_the_residual_exact(values):
     decoded = Fp16Coder().decode(Fp16Coder().encode(values, None), values.size, F32, "t")
@@ -294,7 +295,7 @@ def test_keep_count_rounds_up(fraction, n, expected):
     assert keep_count(fraction, n) == expected
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(
     st.lists(hnp.arrays(F32, st.integers(0, 200), elements=st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0])
                         | st.floats(0, 100, width=32)), min_size=1, max_size=5),

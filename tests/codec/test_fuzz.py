@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from numpy_federation import config, delta, digest, frames_of, model
+from support import examples
 
 import codec
 from aggregator_service import rounds
@@ -47,7 +48,7 @@ from codec.stages import (
 )
 
 # No shrinking: a failure prints its example at once instead of spending minutes minimising it.
-SETTINGS = settings(max_examples=200, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=examples(200), deadline=None, derandomize=True,
                     phases=[Phase.explicit, Phase.reuse, Phase.generate],
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

@@ -62,6 +62,9 @@ def test_diagnostics_and_coverage_are_read_back(tmp_path: Path) -> None:
     assert coverage["site-a"]["_all"] == pytest.approx(0.5)
     assert codec.load_tensors(site.path("residual", 3))  # the state file itself is untouched
 
+
+@pytest.mark.slow  # matplotlib renders a figure (seconds of CPU the first time)
+def test_diagnostics_are_plotted(tmp_path: Path) -> None:
     record = {**_record([0.2, 0.3]), "diagnostics": {
         str(r): {"site-a": {"ef/velocity_norm": 1.0, "ef/residual_norm": 0.5, "ef/sent_energy": 0.9,
                             "ef/update_energy_sent": 0.8, "ef/stale_mean": 2.0, "ef/lr": 0.1}} for r in (1, 2)}}

@@ -53,6 +53,7 @@ def test_the_simulation_refuses_a_generator_it_cannot_use(kwargs: dict, message:
         SimulationSettings(**kwargs)
 
 
+@pytest.mark.slow  # scores a network on a scan and renders its figure
 def test_the_summary_names_models_config_and_real_scan_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A small skull-stripped phantom stands in for the installed scans (a real file, a real network).
     shape = (30, 30, 30)

@@ -74,6 +74,7 @@ def test_the_colin27_scan_is_found_when_installed_and_extra_scans_come_from_the_
         realscan.available_real_scans()
 
 
+@pytest.mark.slow  # matplotlib renders a figure (seconds of CPU the first time)
 def test_the_figure_has_three_planes_of_image_prediction_and_reference(tmp_path: Path) -> None:
     image, truth = _phantom_scan((24, 24, 24))
     path = realscan.save_figure(image, truth, truth, tmp_path / "f.png", "phantom")

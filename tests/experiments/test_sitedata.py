@@ -55,6 +55,7 @@ def brats(tmp_path_factory: pytest.TempPathFactory) -> FederationData:
 # --- templates ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # builds the 1 mm templates (seconds of CPU)
 def test_templates_at_2mm_are_block_means_of_the_1mm_volumes() -> None:
     one, two = load_templates(1.0), load_templates(2.0)
 
@@ -213,6 +214,7 @@ def test_every_case_holds_exactly_the_four_tissue_classes(tissue: FederationData
             assert set(np.unique(label).tolist()) == {0, 1, 2, 3}
 
 
+@pytest.mark.slow  # generates two more federations
 def test_same_seed_writes_identical_arrays_and_another_seed_does_not(
     tissue: FederationData, tmp_path: Path
 ) -> None:
@@ -316,6 +318,7 @@ def test_describe_lists_each_folder_with_its_case_count(tissue: FederationData) 
     assert "invert=True" in lines[3]
 
 
+@pytest.mark.slow  # the default generator builds the synth templates (seconds of CPU)
 def test_main_generate_writes_and_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main_generate(["--out", str(tmp_path / "cli"), "--sites", "2", "--cases", "1,2", "--test-cases", "1",
                           "--size", "16"])
@@ -328,6 +331,7 @@ def test_main_generate_writes_and_prints_a_summary(tmp_path: Path, capsys: pytes
 # --- the BraTS-like federation --------------------------------------------------------------------
 
 
+@pytest.mark.slow  # generates a BraTS-like federation (place_lesion's tests below stay fast)
 def test_brats_cases_have_four_channels_last_and_brats_labels(brats: FederationData) -> None:
     assert (brats.in_channels, brats.num_classes) == (4, 4)
     for folder in (*brats.site_dirs, brats.test_dir):
@@ -341,6 +345,7 @@ def test_brats_cases_have_four_channels_last_and_brats_labels(brats: FederationD
             assert set(np.unique(np.asarray(label.dataobj)).tolist()) == {0, 1, 2, 4}
 
 
+@pytest.mark.slow  # generates a BraTS-like federation (place_lesion's tests below stay fast)
 def test_brats_compartments_show_their_mr_signature(brats: FederationData) -> None:
     pairs = _arrays(brats.site_dirs[0])  # site-1: normal (non-inverted) contrast
     image = np.concatenate([img.reshape(-1, 4) for img, _ in pairs])

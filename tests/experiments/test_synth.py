@@ -28,6 +28,7 @@ def _case(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
+@pytest.mark.slow  # builds the synth templates (seconds of CPU)
 def test_templates_give_three_probabilities_that_sum_to_the_brain_mask() -> None:
     t = load_synth_templates(2.0)
     assert t.probs.shape[0] == 3 and np.all(t.probs >= 0)
@@ -39,6 +40,7 @@ def test_templates_give_three_probabilities_that_sum_to_the_brain_mask() -> None
     assert 0.05 < csf_share < 0.3
 
 
+@pytest.mark.slow  # builds the synth templates (seconds of CPU)
 def test_every_case_holds_all_classes_and_is_zero_outside_the_brain(federation: sitedata.FederationData) -> None:
     for folder in (*federation.site_dirs, federation.test_dir):
         image, label = _case(folder)
@@ -50,6 +52,7 @@ def test_every_case_holds_all_classes_and_is_zero_outside_the_brain(federation: 
         assert (faces > 0).mean() < 0.05
 
 
+@pytest.mark.slow  # builds the synth templates (seconds of CPU)
 def test_the_t1_like_and_t2_like_sites_order_tissues_oppositely(federation: sitedata.FederationData) -> None:
     means = []
     for folder in federation.site_dirs[:2]:
@@ -59,6 +62,7 @@ def test_the_t1_like_and_t2_like_sites_order_tissues_oppositely(federation: site
     assert csf1 < wm1 and csf2 > wm2
 
 
+@pytest.mark.slow  # builds the synth templates (seconds of CPU)
 def test_generation_is_deterministic_and_reused(federation: sitedata.FederationData, tmp_path: Path) -> None:
     again = generate_synth_federation(tmp_path / "again", **SMALL)
     for a, b in zip((*federation.site_dirs, federation.test_dir), (*again.site_dirs, again.test_dir)):
@@ -69,6 +73,7 @@ def test_generation_is_deterministic_and_reused(federation: sitedata.FederationD
     assert (again.site_dirs[0] / "dataset.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow  # builds the synth templates (seconds of CPU)
 def test_sites_describe_their_randomization(federation: sitedata.FederationData) -> None:
     meta = json.loads((federation.site_dirs[2] / "dataset.json").read_text())["fedseg"]
     assert meta["generator"] == "synth" and meta["archetype"] == SYNTH_SITES[2][0]
@@ -76,6 +81,7 @@ def test_sites_describe_their_randomization(federation: sitedata.FederationData)
     assert "synth: T2-like" in sitedata.describe(federation)
 
 
+@pytest.mark.slow  # builds the synth templates (seconds of CPU)
 def test_a_case_is_fast_enough() -> None:
     import time
 
@@ -107,6 +113,7 @@ def test_bad_parameters_are_refused(tmp_path: Path, kwargs: dict, message: str) 
         generate_synth_federation(tmp_path / "x", **{**SMALL, **kwargs})
 
 
+@pytest.mark.slow  # builds the synth templates (seconds of CPU)
 def test_make_data_switches_between_generators(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--sites", "1", "--cases", "1", "--test-cases", "1", "--size", "16"]
     assert sitedata.main_generate(["--out", str(tmp_path / "s"), *common, "--spacing", "6"]) == 0

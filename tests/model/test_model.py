@@ -108,6 +108,7 @@ def test_lean_default_layout() -> None:
     assert isinstance(TransformerUNet3D(in_channels=4, out_channels=4, design="classic").stem, ConvBlock)
 
 
+@pytest.mark.slow  # traces two full-size networks
 def test_lean_default_training_step_fits_the_flop_budget() -> None:
     # 128³, 4 channels, 4 classes, batch 2: forward + backward <= 500 GFLOP (counted on the meta
     # device, no memory or compute); the classic design costs 1,667.

@@ -135,13 +135,13 @@ def test_a_pickled_object_is_refused_by_weights_only(tmp_path: Path) -> None:
 
 
 def test_sliding_window_covers_a_volume_of_any_size(net: nn.Module) -> None:
-    image = torch.randn(1, 1, 40, 36, 44)
+    image = torch.randn(1, 1, 20, 18, 22)  # two overlapping 16³ windows along each axis, none divisible
 
-    probs = sliding_window_predict(net, image, roi_size=(32, 32, 32), overlap=0.25)
+    probs = sliding_window_predict(net, image, roi_size=(16, 16, 16), overlap=0.25)
 
-    assert probs.shape == (1, 3, 40, 36, 44)
+    assert probs.shape == (1, 3, 20, 18, 22)
     assert type(probs) is torch.Tensor  # not a MONAI MetaTensor
-    assert torch.allclose(probs.sum(dim=1), torch.ones(1, 40, 36, 44), atol=1e-5)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(1, 20, 18, 22), atol=1e-5)
     assert (probs >= 0).all()
 
 
@@ -188,9 +188,11 @@ def test_bad_window_arguments_are_refused(net: nn.Module, kwargs: dict, message:
     [
         ("cnn_unet", dict(channels=[8, 16, 32]), [16, 16, 16]),
         ("unet", dict(channels=[4, 8, 16], strides=[2, 2]), [16, 16, 16]),
-        ("unetr", dict(feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4), [32, 32, 32]),
+        pytest.param("unetr", dict(feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4), [32, 32, 32],
+                     marks=pytest.mark.slow),  # builds UNETR three times (a second of CPU)
         # SwinUNETR cannot be built on the meta device: this also covers the CPU fallback of the save-time check
-        ("swin_unetr", dict(feature_size=12, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1]), [32, 32, 64]),
+        pytest.param("swin_unetr", dict(feature_size=12, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1]), [32, 32, 64],
+                     marks=pytest.mark.slow),  # builds SwinUNETR three times (seconds of CPU)
     ],
 )
 def test_every_architecture_round_trips(tmp_path: Path, architecture: str, options: dict, img_size: list[int]) -> None:
