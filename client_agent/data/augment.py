@@ -138,7 +138,8 @@ class RandTissueContrastd:
     cannot rely on any one contrast. A site has images *and* labels; this transform keeps the
     image's anatomy and partial volume and only remaps its intensities: the median intensity
     ``m_k`` of every labelled class ``k`` inside the (nonzero) foreground is sent to a new level
-    ``u_k ~ U(0, 1)`` and every voxel is moved by the piecewise-linear map through those points, so
+    ``u_k ~ U(0, 1)`` and every voxel is moved by the piecewise-linear map through those points
+    (tissues within a tenth of the foreground's spread of each other share a point), so
     a voxel halfway between grey and white matter stays halfway between their new levels and any
     ordering of the tissues (T1-like, T2-like, flat) occurs. Then a smooth multiplicative bias
     field, a gamma and Gaussian noise; the foreground is z-scored again (the site pipeline z-scores
@@ -184,8 +185,18 @@ class RandTissueContrastd:
                 levels.append(float(np.median(voxels)))
         if len(levels) < 2:
             return x  # one tissue or none: no contrast to redraw
-        knots = np.sort(np.asarray(levels))
-        knots = knots[np.concatenate([[True], np.diff(knots) > 1e-6])]
+        # Tissues whose levels nearly coincide share one knot: a map through two close points
+        # would be steep between them and blow their partial-volume voxels and noise up.
+        min_gap = 0.1 * float(x[inside].std())
+        knots_list: list[list[float]] = []
+        for level in sorted(levels):
+            if knots_list and level - knots_list[-1][-1] < min_gap:
+                knots_list[-1].append(level)
+            else:
+                knots_list.append([level])
+        if len(knots_list) < 2:
+            return x
+        knots = np.asarray([float(np.mean(group)) for group in knots_list])
         targets = self.R.uniform(0.0, 1.0, size=knots.size)
         y = np.interp(x[inside], knots, targets).astype(np.float32)
         field = _smooth_field(self.R, x.shape)[inside]

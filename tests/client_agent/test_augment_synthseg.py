@@ -55,6 +55,17 @@ def test_contrast_is_redrawn_keeping_background_and_partial_volume() -> None:
     assert orders == {True, False}  # both orderings of the two tissues occur: T1-like and inverted
 
 
+def test_tissues_of_nearly_one_level_share_it_instead_of_a_steep_map_between_them() -> None:
+    data = _two_tissues()
+    data["label"][0, 2:10, 2:10, 8:10] = 3  # a third tissue at +1.0001: the same level as tissue 2
+    data["image"][0, 2:10, 2:10, 8:10] = 1.0001
+    t = RandTissueContrastd(prob=1.0, bias=0.0, log_gamma=0.0, noise=0.0).set_random_state(seed=1)
+    for _ in range(10):
+        out = t(dict(data))["image"][0]
+        assert float(out[3, 3, 7]) == pytest.approx(float(out[3, 3, 9]), abs=1e-3)
+        assert torch.isfinite(out).all() and float(out.abs().max()) < 10
+
+
 def test_contrast_is_seeded_and_leaves_single_tissue_cases_alone() -> None:
     data = _two_tissues()
     one = RandTissueContrastd().set_random_state(seed=4)(dict(data))["image"]
