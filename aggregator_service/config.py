@@ -33,6 +33,7 @@ Example (every key optional; the defaults are below)::
     momentum_correction = 0.0  # DGC momentum correction over round updates, in [0, 1) (docs/compression.md)
     clip_norm = 0.0          # local gradient clipping (global L2 norm per step); 0: off
     keep_optimizer_state = false  # keep the site's optimizer state across rounds
+    augmentation = "standard"  # standard | synthseg | none (client_agent/data/augment.py)
 
     [model]
     architecture = "transformer_unet"
@@ -68,10 +69,10 @@ from typing import Any, Mapping
 
 from aggregator_service import strategies
 from codec import CodecSpec
+from protos.fedsegnet.v1.training_options import AUGMENTATIONS, check_optimizer
 
 # The local optimizers a site can run (client_agent.training.make_optimizer builds them; the
 # aggregator does not import torch, so the names are repeated here and a test keeps them equal).
-OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 
 if sys.version_info >= (3, 11):
@@ -129,8 +130,12 @@ class TrainingSettings:
     momentum_correction: float = 0.0
     clip_norm: float = 0.0
     keep_optimizer_state: bool = False
+    # The sites' on-the-fly augmentation recipe (TrainingConfig field 20).
+    augmentation: str = "standard"
 
     def __post_init__(self) -> None:
+        if self.augmentation not in AUGMENTATIONS:
+            raise ConfigError(f"training.augmentation must be one of {list(AUGMENTATIONS)}, got {self.augmentation!r}")
         if not (isinstance(self.momentum_correction, (int, float)) and 0.0 <= self.momentum_correction < 1.0):
             raise ConfigError(f"training.momentum_correction must be in [0, 1) (0: off), got {self.momentum_correction!r}")
         if not (isinstance(self.clip_norm, (int, float)) and math.isfinite(self.clip_norm) and self.clip_norm >= 0.0):
@@ -141,14 +146,10 @@ class TrainingSettings:
             raise ConfigError(f"training.local_epochs must be >= 1, got {self.local_epochs}")
         if not self.learning_rate > 0:
             raise ConfigError(f"training.learning_rate must be > 0, got {self.learning_rate}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"training.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"training.momentum must be in [0, 1), got {self.momentum}")
-        if self.momentum and self.optimizer != "sgd":
-            raise ConfigError(
-                f"training.momentum applies to optimizer 'sgd' only, got momentum={self.momentum} with {self.optimizer!r}"
-            )
+        try:
+            check_optimizer(self.optimizer, self.momentum)
+        except ValueError as exc:
+            raise ConfigError(f"training.{exc}") from None
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"training.lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0.0 <= self.final_learning_rate <= self.learning_rate:

@@ -47,6 +47,7 @@ def training_config_to_proto(config: FederationConfig, round_id: int = 1) -> pb.
         momentum_correction=t.momentum_correction,
         clip_norm=t.clip_norm,
         keep_optimizer_state=t.keep_optimizer_state,
+        augmentation=t.augmentation,
     )
 
 

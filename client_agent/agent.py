@@ -37,9 +37,12 @@ import torch
 
 import codec
 from client_agent.data import (
+    AUGMENTATIONS,
+    AugmentConfig,
     DataError,
     Problem,
     SiteData,
+    augmentation_recipe,
     build_datasets,
     discover_cases,
     make_loader,
@@ -284,7 +287,8 @@ class SiteAgent:
     # -- data --------------------------------------------------------------------------------
     def site_data(self, config: pb.TrainingConfig) -> SiteData:
         """The site's datasets for the federation's model (built once per model geometry)."""
-        key = (tuple(config.model.img_size), config.model.out_channels, config.seed, config.model.spacing_mm)
+        augment = self._augmentation(config)
+        key = (tuple(config.model.img_size), config.model.out_channels, config.seed, config.model.spacing_mm, augment)
         if self._data is None or key != self._data_key:
             data = build_datasets(
                 self.settings.data,
@@ -294,7 +298,7 @@ class SiteAgent:
                 label_map=self.settings.label_map,
                 val_fraction=self.settings.val_fraction,
                 seed=self._seed(config),
-                augment=self.settings.augment,
+                augment=augment or False,
                 cache_dir=self.settings.cache_dir,
                 on_error=self.settings.on_bad_file,  # type: ignore[arg-type]
             )
@@ -305,6 +309,17 @@ class SiteAgent:
                 )
             self._data, self._data_key = data, key
         return self._data
+
+    def _augmentation(self, config: pb.TrainingConfig) -> AugmentConfig | None:
+        """The recipe the federation names (``TrainingConfig.augmentation``), or none when this site turned it off."""
+        if not self.settings.augment:
+            return None
+        try:
+            return augmentation_recipe(config.augmentation or "standard")
+        except ValueError:
+            # The name comes from the aggregator: an agent that does not know it skips the round with this reason.
+            raise TrainingError(f"unknown augmentation {config.augmentation!r}; this site runs {list(AUGMENTATIONS)} "
+                                f"(upgrade the client agent?)") from None
 
     def check_federation(self, config: pb.TrainingConfig) -> SiteData:
         """After ``Join``: the site's data must fit the federation's model (classes, channels).

@@ -65,6 +65,8 @@ class TrainSettings:
         num_classes: classes including background; None: the preset's, else the largest label
             value found (after ``label_map``) plus one.
         augment: on-the-fly augmentation of training volumes.
+        augmentation: its recipe (:data:`client_agent.data.AUGMENTATIONS`, as a federation's
+            ``[training] augmentation``): ``"standard"`` or ``"synthseg"`` (a new contrast every draw).
         normalize: z-score over ``"nonzero"`` voxels (MR) or the whole ``"volume"`` (CT).
         spacing_mm: > 0: resample every case to this isotropic spacing and crop/pad it to
             ``img_size`` (a federation's ``[model] spacing_mm``); 0: resize whole volumes.
@@ -91,6 +93,7 @@ class TrainSettings:
     num_classes: int | None = None
     val_fraction: float = 0.2
     augment: bool = True
+    augmentation: str = "standard"
     normalize: Literal["nonzero", "volume"] = "nonzero"
     cache_dir: Path | None = None
     num_workers: int = 0
@@ -114,6 +117,9 @@ class TrainSettings:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         check_optimizer(self.optimizer, self.momentum)
+        from client_agent.data import augmentation_recipe
+
+        augmentation_recipe(self.augmentation)  # ValueError naming the allowed recipes
         if isinstance(self.lambda_dice, bool) or not isinstance(self.lambda_dice, (int, float)) or not 0.0 <= self.lambda_dice <= 1.0:
             raise ValueError(f"lambda_dice must be in [0, 1], got {self.lambda_dice!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
@@ -275,17 +281,18 @@ def _select_cases(s: TrainSettings) -> _Pool:
 def _datasets(s: TrainSettings, pool: _Pool, *, pin_memory: bool) -> _Data:
     """Preprocessing cache, augmentation, datasets and the training loader."""
     from client_agent.data import (
-        AugmentConfig,
         NiftiSegDataset,
         PreprocessConfig,
         VolumeCache,
+        augmentation_recipe,
         build_augmentation,
         make_loader,
     )
 
     config = PreprocessConfig(spatial_size=s.img_size, normalize=s.normalize, spacing_mm=s.spacing_mm)
     cache = VolumeCache(config=config, label_map=pool.label_map, num_classes=pool.num_classes, cache_dir=s.cache_dir)
-    augment = build_augmentation(AugmentConfig(), spatial_size=s.img_size, seed=s.seed) if s.augment else None
+    recipe = augmentation_recipe(s.augmentation) if s.augment else None
+    augment = build_augmentation(recipe, spatial_size=s.img_size, seed=s.seed) if recipe else None
     train_set = NiftiSegDataset(pool.train, cache=cache, augment=augment)
     val_set = NiftiSegDataset(pool.val, cache=cache, augment=None)
     in_channels = int(cache.get(pool.train[0]).image.shape[0])
@@ -333,7 +340,8 @@ def _checkpoint_extra(
         "train_cases": len(pool.train),
         "val_cases": len(pool.val),
         "training": {"lr": s.lr, "batch_size": s.batch_size, "lambda_dice": s.lambda_dice, "seed": s.seed,
-                     "amp": s.amp, "augment": s.augment},
+                     "amp": s.amp, "augment": s.augment,
+                     "augmentation": s.augmentation},
         "history": [dataclasses.asdict(r) for r in history],
     }
 

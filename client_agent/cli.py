@@ -525,6 +525,10 @@ def main(argv: list[str] | None = None, *, transform_update: UpdateTransform | N
     except Refused as exc:
         _error(f"the aggregator refused this site: {exc}")
         return EXIT_REFUSED
+    except TrainingError as exc:
+        # The federation asks for training this agent cannot do (e.g. a newer augmentation recipe).
+        _error(f"cannot train for this federation: {exc}")
+        return EXIT_BAD_INPUT
     except PrivacyBudgetExceeded as exc:
         reporter.event("privacy_budget_spent", site=settings.site, reason=str(exc))
         _error(f"privacy budget: {exc}")

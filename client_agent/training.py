@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 # The one list of metric names (model.metrics uses it too), without importing MONAI here.
 from protos.fedsegnet.v1.local_metrics import SEGMENTATION_METRIC_NAMES as METRIC_NAMES
+from protos.fedsegnet.v1.training_options import OPTIMIZERS, check_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -188,19 +189,6 @@ def _prepare_global(
 
 def _proximal_term(pairs: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> torch.Tensor:
     return torch.stack([(p - g).pow(2).sum() for p, g in pairs]).sum()
-
-
-OPTIMIZERS = ("adam", "sgd")
-
-
-def check_optimizer(name: str, momentum: float) -> None:
-    """Raise ValueError unless ``name`` is one of :data:`OPTIMIZERS` and ``momentum`` fits it."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
-    if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if momentum and name != "sgd":
-        raise ValueError(f"momentum applies to optimizer 'sgd' only, got momentum={momentum} with {name!r}")
 
 
 def make_optimizer(

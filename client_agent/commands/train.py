@@ -9,7 +9,7 @@ from client_agent.commands.options import json_object, label_map_arg, size_arg, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from client_agent.data import NORMALIZE_MODES
+    from client_agent.data import AUGMENTATIONS, NORMALIZE_MODES
     from client_agent.training import OPTIMIZERS
     from model import ARCHITECTURES, DEFAULT_ARCHITECTURE
 
@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classes incl. background (default: preset's, else from the labels)")
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--augment", type=yes_no, default=True, metavar="yes/no", help="default yes")
+    parser.add_argument("--augmentation", choices=AUGMENTATIONS, default="standard",
+                        help="recipe: standard (rotations, scaling, flips, small intensity changes; default) or "
+                             "synthseg (every draw a new contrast from the labels, bias field, gamma, noise, "
+                             "left-right flips only: for models that must hold on other scanners and contrasts)")
     parser.add_argument("--normalize", choices=NORMALIZE_MODES, default="nonzero",
                         help="z-score over nonzero voxels (MR) or the whole volume (CT)")
     parser.add_argument("--spacing-mm", type=float, default=0.0, metavar="MM",
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lambda_dice=args.lambda_dice, amp=args.amp,
         optimizer=args.optimizer, momentum=args.momentum,
         device=args.device, seed=args.seed, label_map=args.label_map, num_classes=args.num_classes,
-        val_fraction=args.val_fraction, augment=args.augment, normalize=args.normalize, spacing_mm=args.spacing_mm, cache_dir=args.cache_dir,
+        val_fraction=args.val_fraction, augment=args.augment, augmentation=args.augmentation, normalize=args.normalize, spacing_mm=args.spacing_mm, cache_dir=args.cache_dir,
         num_workers=args.num_workers,
     )
     summary = train_centralized(settings, on_epoch=lambda r: print(r.line(), flush=True))

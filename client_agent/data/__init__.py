@@ -21,7 +21,7 @@ Every name below is importable from ``client_agent.data`` itself.
 
 from __future__ import annotations
 
-from client_agent.data.augment import AugmentConfig, build_augmentation
+from client_agent.data.augment import AUGMENTATIONS, AugmentConfig, augmentation_recipe, build_augmentation
 from client_agent.data.cache import CacheStats, VolumeCache
 from client_agent.data.datasets import (
     NiftiSegDataset,
@@ -62,7 +62,9 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "NORMALIZE_MODES",
     "PRESET_NUM_CLASSES",
+    "AUGMENTATIONS",
     "AugmentConfig",
+    "augmentation_recipe",
     "Case",
     "CacheStats",
     "DataError",

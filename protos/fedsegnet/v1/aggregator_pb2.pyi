@@ -182,6 +182,7 @@ class TrainingConfig(_message.Message):
     MOMENTUM_CORRECTION_FIELD_NUMBER: _builtins.int
     CLIP_NORM_FIELD_NUMBER: _builtins.int
     KEEP_OPTIMIZER_STATE_FIELD_NUMBER: _builtins.int
+    AUGMENTATION_FIELD_NUMBER: _builtins.int
     local_epochs: _builtins.int
     """Local epochs per round."""
     learning_rate: _builtins.float
@@ -214,6 +215,13 @@ class TrainingConfig(_message.Message):
     """Keep the local optimizer's state (SGD momentum buffers, Adam moments) across rounds, stored
     with the residual in the site's state; false = a fresh optimizer every round.
     """
+    augmentation: _builtins.str
+    """Field 20: the site's on-the-fly augmentation recipe, one of protos/fedsegnet/v1/training_options.py
+    AUGMENTATIONS: "standard" (also when empty, as aggregators before this field sent; rotations,
+    scaling, flips along every axis, small intensity changes), "synthseg" (every draw a new contrast
+    from the case's own labels, bias field, gamma, noise; flips left-right only: for models that must
+    hold on other scanners and contrasts) or "none". A site started with augmentation off keeps it off.
+    """
     @_builtins.property
     def model(self) -> Global___ModelSpec:
         """The network to build; identical for every site of the federation."""
@@ -238,10 +246,11 @@ class TrainingConfig(_message.Message):
         momentum_correction: _builtins.float = ...,
         clip_norm: _builtins.float = ...,
         keep_optimizer_state: _builtins.bool = ...,
+        augmentation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "clip_norm", b"clip_norm", "codec", b"codec", "fedprox_mu", b"fedprox_mu", "keep_optimizer_state", b"keep_optimizer_state", "lambda_dice", b"lambda_dice", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "model", b"model", "momentum", b"momentum", "momentum_correction", b"momentum_correction", "optimizer", b"optimizer", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["augmentation", b"augmentation", "batch_size", b"batch_size", "clip_norm", b"clip_norm", "codec", b"codec", "fedprox_mu", b"fedprox_mu", "keep_optimizer_state", b"keep_optimizer_state", "lambda_dice", b"lambda_dice", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "model", b"model", "momentum", b"momentum", "momentum_correction", b"momentum_correction", "optimizer", b"optimizer", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
