@@ -283,9 +283,14 @@ def test_bad_optimizer_settings_are_rejected(name: str, kwargs: dict, message: s
 
 
 def test_the_aggregator_offers_the_optimizers_sites_run() -> None:
-    from aggregator_service.config import OPTIMIZERS as OFFERED
+    from aggregator_service.config import ConfigError, parse_federation_config
+    from protos.fedsegnet.v1.training_options import OPTIMIZERS as ON_THE_WIRE
 
-    assert OFFERED == OPTIMIZERS
+    assert OPTIMIZERS is ON_THE_WIRE  # one list for both sides
+    for name in OPTIMIZERS:
+        assert parse_federation_config({"training": {"optimizer": name}}).training.optimizer == name
+    with pytest.raises(ConfigError, match="training.optimizer must be one of"):
+        parse_federation_config({"training": {"optimizer": "lion"}})
 
 
 # ---------------------------------------------------------------- evaluation
