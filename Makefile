@@ -36,7 +36,7 @@ test: setup
 
 # Everything but the tests marked slow (those that start processes, train, generate or render for long), each
 # property test with a tenth of its hypothesis examples (tests/conftest.py), one pytest-xdist worker per core
-# (each worker pays ~20 s of imports; the tests split between them): 54 s on 2 idle cores, 66 s in one process.
+# (each worker pays ~20 s of imports; the tests split between them): 45-49 s on 2 idle cores (64 s with cold file caches), 66 s in one process.
 # `make test` runs every test with the full counts, in one process.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" --hypothesis-profile=fast -n auto
