@@ -124,11 +124,15 @@ def test_the_site_runs_the_recipe_the_federation_names_unless_it_turned_augmenta
         client.close()
 
 
-def test_fedseg_train_takes_the_recipe_by_name(mni_site: Path, tmp_path: Path) -> None:
+def test_fedseg_train_takes_the_recipe_by_name(mni_site: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     from client_agent.centralized import TrainSettings
     from fedseg.cli import main
 
+    assert TrainSettings(data_dirs=(mni_site,), out=tmp_path / "m.pt", augmentation="synthseg").augmentation == "synthseg"
     with pytest.raises(ValueError, match="unknown augmentation 'synth'"):
         TrainSettings(data_dirs=(mni_site,), out=tmp_path / "m.pt", augmentation="synth")
     with pytest.raises(SystemExit):
         main(["train", "--data", str(mni_site), "--out", str(tmp_path / "m.pt"), "--augmentation", "synth"])
+    # argparse names the bad value and the recipes it takes (not "unrecognized arguments")
+    assert "--augmentation: invalid choice: 'synth'" in capsys.readouterr().err
