@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ["ModelGrid", "load_scan", "grid_around", "resample_to_grid", "to_model_grid", "image_on_grid",
-           "labels_on_grid", "from_model_grid", "zscore_nonzero"]
+           "anti_alias", "labels_on_grid", "from_model_grid", "zscore_nonzero"]
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,10 @@ def image_on_grid(image: np.ndarray, affine: np.ndarray, *, spacing_mm: float, s
     (``fedseg segment``, the real-scan scores), so both see a scan the same way:
 
     1. :func:`grid_around`: the box of ``size`` voxels at ``spacing_mm`` around the foreground;
-    2. every channel resampled trilinearly into it;
+    2. every channel resampled trilinearly into it, low-pass filtered first where the grid is
+       coarser than the scan (:func:`anti_alias`): a trilinear sample of a 1 mm scan on a 4 mm
+       grid reads one 1 mm point per voxel, a speckled image unlike the training images, where
+       every intensity is the average over its voxel;
     3. ``normalize="nonzero"`` (skull-stripped MR): the scan's *foreground* (its nonzero voxels)
        is resampled too, and box voxels less than half inside it are set to 0. Trilinear
        resampling otherwise leaves a one-voxel rim of faint, nonzero partial-volume values all
@@ -157,11 +160,30 @@ def image_on_grid(image: np.ndarray, affine: np.ndarray, *, spacing_mm: float, s
 
     channels = image[None] if image.ndim == 3 else image
     grid = grid_around(channels, affine, spacing_mm=spacing_mm, size=size)
-    resampled = np.stack([resample_to_grid(c, affine, grid, order=1) for c in channels])
+    resampled = np.stack([resample_to_grid(anti_alias(c, affine, spacing_mm), affine, grid, order=1) for c in channels])
     if normalize == "nonzero":
         inside = resample_to_grid((channels[0] != 0).astype(np.float32), affine, grid, order=1) >= 0.5
         resampled *= inside[None]
     return normalize_image(resampled, normalize), grid
+
+
+def anti_alias(volume: np.ndarray, affine: np.ndarray, spacing_mm: float | Sequence[float]) -> np.ndarray:
+    """``volume`` low-pass filtered for sampling at ``spacing_mm``; unchanged where that is not coarser.
+
+    A Gaussian of ``sigma = (f - 1) / 2`` input voxels along each axis whose voxels are ``f``
+    times finer than the target spacing (the rule of ``skimage.transform.resize``'s
+    anti-aliasing), so that a coarse voxel holds about the average of what it covers, as a scan
+    acquired at that spacing would. At a skull-stripped brain's edge that average includes the
+    zero background: the partial volume a coarse acquisition has there too, and what the sites'
+    randomized training images show (measured on Colin 27 at 4 mm: grey/white-matter Dice +0.01
+    to +0.03 for the quick experiment's models; a filter restricted to the brain gained nothing).
+    """
+    voxel_mm = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    target = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
+    sigma = np.maximum(0.0, (target / voxel_mm - 1.0) / 2.0)
+    if not np.any(sigma > 0.1):  # a tenth of a voxel: nothing to remove
+        return volume
+    return ndimage.gaussian_filter(volume.astype(np.float32, copy=False), sigma, mode="nearest")
 
 
 def labels_on_grid(label: np.ndarray, affine: np.ndarray, grid: ModelGrid) -> np.ndarray:

@@ -295,6 +295,38 @@ def _steps_per_epoch(loader: Iterable[Any]) -> int | None:
         return None
 
 
+@contextlib.contextmanager
+def conv_layout(model: nn.Module, device: torch.device) -> Iterator[torch.memory_format | None]:
+    """Train in the channels-last layout on a CPU; the model is back in the default layout after.
+
+    oneDNN's 3D convolutions, their backward above all (two thirds of a step's time), run
+    1.2-1.6x faster on ``(N, D, H, W, C)`` tensors than on ``(N, C, D, H, W)``: measured on 2 CPU
+    cores for the quick generalization experiment's Transformer U-Net at 48³, batch 2: 1.03 -> 0.86 s
+    a step alone, 2.3 -> 1.4 s with three sites' processes sharing the cores. The results are the
+    same numbers (the layout changes where values sit in memory, not what is computed). Weights go
+    back to the default layout afterwards, for the codec and the checkpoints. On a GPU nothing
+    changes, nor under DistributedDataParallel (its gradient buckets are laid out when it wraps the
+    model). Yields the layout each batch must be put in, or None.
+    """
+    if device.type != "cpu" or isinstance(model, nn.parallel.DistributedDataParallel):
+        yield None
+        return
+    model.to(memory_format=torch.channels_last_3d)  # 5-D weights only; the Parameter objects stay the same
+    try:
+        yield torch.channels_last_3d
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+def _contiguous_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer ``state_dict`` whose tensors are in the default layout (buffers follow their weights')."""
+    return {
+        key: {i: {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+              for i, entry in value.items()} if key == "state" else value
+        for key, value in state.items()
+    }
+
+
 def _train_step(
     model: nn.Module,
     batch: Mapping[str, Any],
@@ -305,9 +337,12 @@ def _train_step(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     prox_pairs: list[tuple[torch.nn.Parameter, torch.Tensor]],
     where: str,
+    layout: torch.memory_format | None = None,
 ) -> tuple[float, int]:
     """One optimizer step on one batch; returns (its loss, its volume count). ``where``: "epoch E, step S"."""
     image = batch["image"].to(device, non_blocking=True)
+    if layout is not None and image.dim() == 5:
+        image = image.contiguous(memory_format=layout)
     label = batch["label"].to(device, non_blocking=True)
     opt.zero_grad(set_to_none=True)
     with autocast(device, settings.amp):
@@ -355,16 +390,17 @@ def train_epoch(
     started = epoch_start if started is None else started
     steps_in_epoch = _steps_per_epoch(loader)
     total, count, volumes = 0.0, 0, 0
-    for step, batch in enumerate(loader, start=1):
-        value, n = _train_step(model, batch, opt, settings, device=device, loss_fn=loss_fn,
-                               prox_pairs=prox_pairs or [], where=f"epoch {epoch}, step {step}")
-        total += value
-        count += 1
-        volumes += n
-        if progress is not None:
-            now = time.perf_counter()
-            progress(EpochProgress(epoch, settings.epochs, step, steps_in_epoch, total / count, now - started, False,
-                                   volumes, now - epoch_start))
+    with conv_layout(model, torch.device(device)) as layout:
+        for step, batch in enumerate(loader, start=1):
+            value, n = _train_step(model, batch, opt, settings, device=device, loss_fn=loss_fn,
+                                   prox_pairs=prox_pairs or [], where=f"epoch {epoch}, step {step}", layout=layout)
+            total += value
+            count += 1
+            volumes += n
+            if progress is not None:
+                now = time.perf_counter()
+                progress(EpochProgress(epoch, settings.epochs, step, steps_in_epoch, total / count, now - started,
+                                       False, volumes, now - epoch_start))
     if count == 0:
         raise TrainingError(f"the training loader yielded no batch in epoch {epoch}; the site has no training data")
     logger.info("epoch %d/%d: loss %.4f (%d steps)", epoch, settings.epochs, total / count, count)
@@ -424,7 +460,7 @@ def train_local(
         steps=sum(e.steps for e in epochs),
         volumes=sum(e.volumes for e in epochs),
         seconds=seconds,
-        optimizer_state=opt.state_dict(),
+        optimizer_state=_contiguous_state(opt.state_dict()),
     )
 
 

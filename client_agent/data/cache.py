@@ -74,6 +74,8 @@ class VolumeCache:
         }
         if self.config.spacing_mm:  # only when set, so caches of resized volumes keep their keys
             payload["spacing_mm"] = self.config.spacing_mm
+            # Images are low-pass filtered before a resampling to a coarser spacing (spacing.anti_alias).
+            payload["anti_alias"] = 1
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def path_for(self, case: Case, key: str) -> Path:
