@@ -50,6 +50,8 @@ Example (every key optional; the defaults are below)::
     byte_budget = 0          # bytes per update (0: off); k per tensor is then chosen to fit
     warmup_rounds = 0        # DGC sparsity warm-up: top_k_fraction falls from warmup_start_fraction
     warmup_start_fraction = 0.25  # to top_k_fraction over the first warmup_rounds rounds
+    warmup_start_budget = 0  # byte-budget warm-up (0: off): byte_budget falls from this many bytes
+                             # to byte_budget over the first warmup_rounds rounds
 
 Every table is strict: a key it does not know is refused by name, with the allowed ones. This
 module is the only reader of the file: :func:`read_config_tables` parses it once, and a program
@@ -69,6 +71,7 @@ from typing import Any, Mapping
 
 from aggregator_service import strategies
 from codec import CodecSpec
+from codec.spec import MAX_BYTE_BUDGET
 from protos.fedsegnet.v1.training_options import AUGMENTATIONS, check_optimizer
 
 # The local optimizers a site can run (client_agent.training.make_optimizer builds them; the
@@ -189,16 +192,30 @@ class SparsityWarmup:
     ``f_r = start * (target / start) ** ((r - 1) / warmup_rounds)`` for ``r <= warmup_rounds``,
     the target from round ``warmup_rounds + 1`` on (so round 1 sends ``start``). Like the
     learning-rate schedule it is a function of the round number alone (no aggregator state).
+
+    ``warmup_start_budget`` is the same schedule for ``byte_budget``: with a budget ``B`` and a
+    start ``B0 > B``, round ``r <= warmup_rounds`` sends ``round(B0 * (B / B0) ** ((r - 1) /
+    warmup_rounds))`` bytes, ``B`` after. A budget that suits a long run lets too few entries
+    through for a short one to move far from the initial model; the early, larger budgets do
+    that moving while the update is large, and cost bytes only in the first rounds.
+    :class:`FederationConfig` checks it against the codec (it needs a budget below it).
     """
 
     rounds: int = 0
     start_fraction: float = 0.25
+    start_budget: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
             raise ConfigError(f"codec.warmup_rounds must be an integer >= 0 (0: off), got {self.rounds!r}")
         if not (isinstance(self.start_fraction, (int, float)) and 0.0 < self.start_fraction <= 1.0):
             raise ConfigError(f"codec.warmup_start_fraction must be in (0, 1], got {self.start_fraction!r}")
+        budget = self.start_budget
+        if isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget <= MAX_BYTE_BUDGET:
+            raise ConfigError(
+                f"codec.warmup_start_budget must be an integer number of bytes in [0, {MAX_BYTE_BUDGET}] "
+                f"(0: off), got {budget!r}"
+            )
 
     def fraction_at(self, round_id: int, target: float) -> float:
         """The top-k fraction of round ``round_id`` (1-based) when the configured one is ``target``."""
@@ -207,8 +224,23 @@ class SparsityWarmup:
         step = (max(round_id, 1) - 1) / self.rounds
         return float(self.start_fraction * (target / self.start_fraction) ** step)
 
+    def budget_at(self, round_id: int, target: int) -> int:
+        """The byte budget of round ``round_id`` (1-based) when the configured one is ``target``.
 
-WARMUP_KEYS = {"warmup_rounds": "rounds", "warmup_start_fraction": "start_fraction"}
+        ``target`` 0 (no budget) stays 0: a warm-up cannot turn a dense codec into a budgeted one.
+        """
+        if self.rounds == 0 or round_id > self.rounds or target <= 0 or self.start_budget <= target:
+            return target
+        step = (max(round_id, 1) - 1) / self.rounds
+        # Between target and start_budget whatever the rounding: target/start < 1, step in [0, 1).
+        return int(round(self.start_budget * (target / self.start_budget) ** step))
+
+
+WARMUP_KEYS = {
+    "warmup_rounds": "rounds",
+    "warmup_start_fraction": "start_fraction",
+    "warmup_start_budget": "start_budget",
+}
 
 
 @dataclass(frozen=True)
@@ -251,6 +283,7 @@ class FederationConfig:
             raise ConfigError(f"federation.round_timeout_s must be > 0, got {self.round_timeout_s}")
         if self.max_update_bytes < 0:
             raise ConfigError(f"federation.max_update_bytes must be >= 0, got {self.max_update_bytes}")
+        self._check_budget_warmup()
         if "strategy" in self.strategy_options:
             raise ConfigError("[aggregation]: give the strategy as `strategy`, not inside its options")
         try:
@@ -259,17 +292,48 @@ class FederationConfig:
             raise ConfigError(f"[aggregation]: {exc}") from None
         object.__setattr__(self, "aggregation", built)
 
+    def _check_budget_warmup(self) -> None:
+        """``codec.warmup_start_budget`` only makes sense above a byte budget, with warm-up rounds."""
+        start, budget = self.warmup.start_budget, self.codec.byte_budget
+        if start == 0:
+            return
+        if budget <= 0:
+            raise ConfigError(
+                f"codec.warmup_start_budget = {start} warms up a byte budget, but codec.byte_budget is 0 "
+                "(off): set codec.byte_budget to the bytes per update after the warm-up, or "
+                "warmup_start_budget = 0"
+            )
+        if start <= budget:
+            raise ConfigError(
+                f"codec.warmup_start_budget = {start} must be larger than codec.byte_budget = {budget} "
+                "(the warm-up starts above the budget and falls to it), or 0 for no budget warm-up"
+            )
+        if self.warmup.rounds <= 0:
+            raise ConfigError(
+                f"codec.warmup_start_budget = {start} needs codec.warmup_rounds > 0 (the rounds over "
+                "which the budget falls to codec.byte_budget), got warmup_rounds = 0"
+            )
+        if self.max_update_bytes and start > self.max_update_bytes:
+            raise ConfigError(
+                f"codec.warmup_start_budget = {start} is above federation.max_update_bytes = "
+                f"{self.max_update_bytes}: round 1's uploads would be refused; lower it or raise the limit"
+            )
+
     def codec_at(self, round_id: int) -> CodecSpec:
-        """The codec sites encode round ``round_id`` with (the sparsity warm-up applied)."""
+        """The codec sites encode round ``round_id`` with (the sparsity and budget warm-ups applied)."""
         fraction = self.warmup.fraction_at(round_id, self.codec.top_k_fraction)
-        if fraction == self.codec.top_k_fraction:
+        budget = self.warmup.budget_at(round_id, self.codec.byte_budget)
+        if fraction == self.codec.top_k_fraction and budget == self.codec.byte_budget:
             return self.codec
-        return dataclasses.replace(self.codec, top_k_fraction=fraction)
+        return dataclasses.replace(self.codec, top_k_fraction=fraction, byte_budget=budget)
 
     def to_json(self) -> str:
         """A canonical JSON form, stored with the federation so a restart can detect a changed config."""
         fields_ = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         data = {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in fields_.items()}
+        if not self.warmup.start_budget:
+            # Off: written as before the key existed, so a store created then still restarts.
+            del data["warmup"]["start_budget"]
         return json.dumps(data, sort_keys=True, default=list)
 
 
