@@ -299,12 +299,13 @@ def _steps_per_epoch(loader: Iterable[Any]) -> int | None:
 def conv_layout(model: nn.Module, device: torch.device) -> Iterator[torch.memory_format | None]:
     """Train in the channels-last layout on a CPU; the model is back in the default layout after.
 
-    oneDNN's 3D convolutions, their backward above all (two thirds of a step's time), run
-    1.2-1.6x faster on ``(N, D, H, W, C)`` tensors than on ``(N, C, D, H, W)``: measured on 2 CPU
-    cores for the quick generalization experiment's Transformer U-Net at 48³, batch 2: 1.03 -> 0.86 s
-    a step alone, 2.3 -> 1.4 s with three sites' processes sharing the cores. The results are the
-    same numbers (the layout changes where values sit in memory, not what is computed). Weights go
-    back to the default layout afterwards, for the codec and the checkpoints. On a GPU nothing
+    oneDNN's 3D convolutions, their backward above all (two thirds of a step's time), run faster
+    on ``(N, D, H, W, C)`` tensors than on ``(N, C, D, H, W)``: for the quick generalization
+    experiment's Transformer U-Net at 48³, batch 2, on 2 CPU cores, 1.16x with one thread alone and
+    1.2x each for three sites' processes sharing the cores (``benchmarks/conv_layout.py``;
+    benchmarks/README.md). The results are the same numbers (the layout changes where values sit
+    in memory, not what is computed). Weights go back to the default layout afterwards, for the
+    codec and the checkpoints. On a GPU nothing
     changes, nor under DistributedDataParallel (its gradient buckets are laid out when it wraps the
     model). Yields the layout each batch must be put in, or None.
     """

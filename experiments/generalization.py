@@ -21,12 +21,13 @@ __all__ = ["finish_generalization", "SCALES"]
 # Applied on top of configs/generalization.toml (which is the quick scale).
 SCALES: dict[str, Mapping[str, Any]] = {
     "quick": {},
-    # The grid SynthSeg-style training needs for grey matter (3 mm, whole brain), more cases and rounds:
-    # hours on a CPU, minutes on a GPU.
+    # The grid SynthSeg-style training needs for grey matter (3 mm, whole brain), more cases and rounds,
+    # and the synthseg augmentation recipe, which pays off over long training only: hours on a CPU,
+    # minutes on a GPU.
     "full": {
         "simulation": {"cases_per_site": [60, 60, 60], "test_cases": 6, "size": 64, "spacing_mm": 3.0},
         "federation": {"rounds": 20},
-        "training": {"local_epochs": 2},
+        "training": {"local_epochs": 2, "augmentation": "synthseg"},
         "model": {"img_size": [64, 64, 64], "spacing_mm": 3.0},
     },
 }
@@ -50,7 +51,8 @@ def finish_generalization(out: Path, runs: Mapping[str, Mapping[str, Any]], summ
     models: dict[str, str] = {}
     config_path: str | None = None
     real: dict[str, dict[str, dict[str, float]]] = {}
-    names = {"centralized": "centralized", "fedavg_dense": "fedavg", "fedsegnet": "fedsegnet"}
+    names = {"centralized": "centralized", "fedavg_dense": "fedavg", "fedsegnet": "fedsegnet",
+             "fedsegnet_warmup": "fedsegnet"}
     for method, record in runs.items():
         final = record.get("final_model")
         if not final:

@@ -16,6 +16,9 @@ from experiments.generalization import finish_generalization
 from experiments.simulate import SimulationSettings, dump_toml, load_simulation_config, write_initial_model
 
 
+FEDSEGNET = EXPERIMENTS["generalization"][-1]
+
+
 def _base() -> dict:  # type: ignore[type-arg]
     return tomllib.loads((Path(__file__).parents[2] / "experiments/configs/generalization.toml").read_text())
 
@@ -31,7 +34,7 @@ def test_every_method_trains_on_randomized_whole_brain_sites(method: str, tmp_pa
 
 def test_the_full_scale_is_the_3mm_grid_and_keeps_its_own_results_folder(tmp_path: Path) -> None:
     path = tmp_path / "sim.toml"
-    path.write_text(dump_toml(method_config(_base(), "fedsegnet", "full", "generalization")))
+    path.write_text(dump_toml(method_config(_base(), FEDSEGNET, "full", "generalization")))
     sim, federation, _ = load_simulation_config(path)
     assert (sim.size, sim.spacing_mm, list(federation.model.img_size)) == (64, 3.0, [64, 64, 64])
     assert results_tag("generalization", "quick", None) == "generalization"
@@ -65,7 +68,7 @@ def test_the_summary_names_models_config_and_real_scan_scores(tmp_path: Path, mo
     monkeypatch.setattr(realscan, "DEFAULT_SCANS", ())
     monkeypatch.setenv("FEDSEG_REAL_SCANS", str(scan))
 
-    config = method_config(_base(), "fedsegnet", "quick", "generalization")
+    config = method_config(_base(), FEDSEGNET, "quick", "generalization")
     config["simulation"]["size"] = 16
     config["model"]["img_size"] = [16, 16, 16]
     run = tmp_path / "run"
@@ -78,14 +81,14 @@ def test_the_summary_names_models_config_and_real_scan_scores(tmp_path: Path, mo
     out.mkdir()
     (out / "table.md").write_text("## generalization\n")
     summary = {"experiment": "generalization", "scale": "quick",
-               "methods": {"fedsegnet": {"label": "FedSegNet", "dice": 0.5}}}
+               "methods": {FEDSEGNET: {"label": "FedSegNet", "dice": 0.5}}}
 
-    finish_generalization(out, {"fedsegnet": {"final_model": str(model)}}, summary, work_dir=tmp_path,
+    finish_generalization(out, {FEDSEGNET: {"final_model": str(model)}}, summary, work_dir=tmp_path,
                           stream=open(tmp_path / "log.txt", "w"))
 
     written = json.loads((out / "summary.json").read_text())
     assert written["models"] == {"fedsegnet": str(model)} and written["config"] == str(run / "federation.toml")
-    scores = written["methods"]["fedsegnet"]["real_scans"]["phantom"]
+    scores = written["methods"][FEDSEGNET]["real_scans"]["phantom"]
     assert set(scores) == {"brain", "CSF", "GM", "WM", "GM_WM_mean"}
     assert all(0.0 <= v <= 1.0 for v in scores.values())
     assert (out / "fedsegnet-phantom.png").is_file()
