@@ -312,11 +312,13 @@ def conv_layout(model: nn.Module, device: torch.device) -> Iterator[torch.memory
     if device.type != "cpu" or isinstance(model, nn.parallel.DistributedDataParallel):
         yield None
         return
-    model.to(memory_format=torch.channels_last_3d)  # 5-D weights only; the Parameter objects stay the same
+    # 5-D weights only; the Parameter objects stay the same. (Module.to takes memory_format at run
+    # time; torch's type stubs do not list it.)
+    model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     try:
         yield torch.channels_last_3d
     finally:
-        model.to(memory_format=torch.contiguous_format)
+        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
 
 def _contiguous_state(state: Mapping[str, Any]) -> dict[str, Any]:
