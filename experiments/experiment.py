@@ -185,7 +185,6 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
                 "fedsegnet_tensor", "fedsegnet_adam"),
     "brats": ("centralized", "fedavg_dense", "fedsegnet"),
     # Trained on domain-randomized sites, scored on the held-out set and on real scans
-    # (experiments/generalization.py; its own base config and scales quick/full).
     # (experiments/generalization.py; its own base config and scales quick/full). FedSegNet with the
     # byte-budget warm-up: the quick scale is 10 rounds.
     "generalization": ("centralized", "fedavg_dense", "fedsegnet_warmup"),

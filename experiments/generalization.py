@@ -22,8 +22,9 @@ __all__ = ["finish_generalization", "SCALES"]
 SCALES: dict[str, Mapping[str, Any]] = {
     "quick": {},
     # The grid SynthSeg-style training needs for grey matter (3 mm, whole brain), more cases and rounds,
-    # and the synthseg augmentation recipe, which pays off over long training only: hours on a CPU,
-    # minutes on a GPU.
+    # and the synthseg augmentation recipe, meant for long training (in the quick scale's short runs
+    # it slowed what the models learned of the real scan: results/README.md): hours on a CPU, minutes
+    # on a GPU.
     "full": {
         "simulation": {"cases_per_site": [60, 60, 60], "test_cases": 6, "size": 64, "spacing_mm": 3.0},
         "federation": {"rounds": 20},
