@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from client_agent.data.preprocess import normalize_image
     from client_agent.spacing import load_scan
     from experiments import realscan, sitedata, synth
+    from experiments.simulate import load_simulation_config
     from model import build_model
     from model.losses import DiceCELoss
 
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = realscan.reference_segmentation(image)
     ranges = [r for _, r in synth.SYNTH_SITES]
     grid = (args.size,) * 3
+    # The quick generalization experiment's network, as its configuration pins it.
+    spec = load_simulation_config(Path(__file__).resolve().parents[1] / "experiments/configs/generalization.toml")[1].model
 
     def draw(i: int) -> tuple[np.ndarray, np.ndarray]:
         anatomy, scanner = sitedata._case_rngs(args.seed, 7, i)
@@ -76,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     for recipe, config in configs.items():
         augment = build_augmentation(config, spatial_size=grid, seed=0) if config else None
         torch.manual_seed(args.seed)
-        net = build_model("transformer_unet", in_channels=1, out_channels=4, img_size=grid, channels=[8, 16, 32, 64],
-                          num_transformer_layers=1, num_heads=4)
+        net = build_model(spec.architecture, in_channels=spec.in_channels, out_channels=spec.out_channels,
+                          img_size=grid, **dict(spec.options))
         optimizer = torch.optim.Adam(net.parameters(), args.lr)
         loss_fn = DiceCELoss(lambda_dice=0.5)
 

@@ -25,7 +25,6 @@ import multiprocessing as mp
 import os
 import statistics
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +36,19 @@ def _time_steps(batch: int, steps: int, channels_last: bool, threads: int) -> fl
     import torch
 
     from client_agent.training import conv_layout
+    from experiments.simulate import load_simulation_config
     from model import DiceCELoss, build_model
 
     torch.set_num_threads(threads)
-    m = tomllib.loads(CONFIG.read_text())["model"]
-    size = tuple(m["img_size"])
+    m = load_simulation_config(CONFIG)[1].model
+    size = tuple(m.img_size)
     torch.manual_seed(0)
-    net = build_model(m["architecture"], in_channels=m["in_channels"], out_channels=m["out_channels"], img_size=size,
-                      **m["options"])
+    net = build_model(m.architecture, in_channels=m.in_channels, out_channels=m.out_channels, img_size=size,
+                      **dict(m.options))
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     loss_fn = DiceCELoss(lambda_dice=0.5)
-    image = torch.randn(batch, m["in_channels"], *size)
-    label = torch.randint(0, m["out_channels"], (batch, 1, *size))
+    image = torch.randn(batch, m.in_channels, *size)
+    label = torch.randint(0, m.out_channels, (batch, 1, *size))
     times = []
     with conv_layout(net, torch.device("cpu")) if channels_last else contextlib.nullcontext() as layout:
         x = image.contiguous(memory_format=layout) if layout is not None else image

@@ -305,9 +305,9 @@ def conv_layout(model: nn.Module, device: torch.device) -> Iterator[torch.memory
     1.2x each for three sites' processes sharing the cores (``benchmarks/conv_layout.py``;
     benchmarks/README.md). The results are the same numbers (the layout changes where values sit
     in memory, not what is computed). Weights go back to the default layout afterwards, for the
-    codec and the checkpoints. On a GPU nothing
-    changes, nor under DistributedDataParallel (its gradient buckets are laid out when it wraps the
-    model). Yields the layout each batch must be put in, or None.
+    codec and the checkpoints. On a GPU nothing changes, nor under DistributedDataParallel (its
+    gradient buckets are laid out when it wraps the model). Yields the layout each batch must be
+    put in, or None.
     """
     if device.type != "cpu" or isinstance(model, nn.parallel.DistributedDataParallel):
         yield None
@@ -321,13 +321,13 @@ def conv_layout(model: nn.Module, device: torch.device) -> Iterator[torch.memory
         model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
 
-def _contiguous_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    """An optimizer ``state_dict`` whose tensors are in the default layout (buffers follow their weights')."""
-    return {
-        key: {i: {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
-              for i, entry in value.items()} if key == "state" else value
-        for key, value in state.items()
-    }
+def _contiguous_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``opt.state_dict()`` with its buffers in the default layout (they follow their weights' layout)."""
+    for entry in state["state"].values():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                entry[key] = value.contiguous()
+    return state
 
 
 def _train_step(
