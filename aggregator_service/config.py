@@ -40,6 +40,7 @@ Example (every key optional; the defaults are below)::
     in_channels = 1
     out_channels = 4
     img_size = [48, 48, 48]
+    patch_size = []          # train and predict on windows of this size (e.g. [32, 32, 32]); []: whole volumes
     [model.options]
     channels = [8, 16, 32]
 
@@ -100,6 +101,10 @@ class ModelConfig:
     # The voxel spacing (mm, isotropic) the model sees its scans at; recorded so that inference
     # (`fedseg segment`) resamples any scan to it. 0: unknown (whole scans resized to img_size).
     spacing_mm: float = 0.0
+    # The window (D, H, W) the network trains and predicts on (ModelSpec field 7): sites train on
+    # random windows of it and every prediction slides windows of it over the volume. () = the whole
+    # img_size volume. Smaller windows make a step cheaper (about in proportion to their voxels).
+    patch_size: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.spacing_mm, (int, float)) and 0.0 <= float(self.spacing_mm) < 100.0):
@@ -113,6 +118,15 @@ class ModelConfig:
         if len(self.img_size) != 3 or any(int(s) < 1 for s in self.img_size):
             raise ConfigError(f"model.img_size must be three positive sizes (D, H, W), got {list(self.img_size)}")
         object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
+        patch = tuple(self.patch_size)
+        if patch:
+            if len(patch) != 3 or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in patch):
+                raise ConfigError(f"model.patch_size must be three positive sizes (D, H, W) or [] (the whole "
+                                  f"img_size volume), got {list(patch)}")
+            if any(p > s for p, s in zip(patch, self.img_size)):
+                raise ConfigError(f"model.patch_size {list(patch)} must fit in model.img_size {list(self.img_size)} "
+                                  "along every axis")
+        object.__setattr__(self, "patch_size", patch)
 
 
 @dataclass(frozen=True)
@@ -334,6 +348,8 @@ class FederationConfig:
         if not self.warmup.start_budget:
             # Off: written as before the key existed, so a store created then still restarts.
             del data["warmup"]["start_budget"]
+        if not self.model.patch_size:
+            del data["model"]["patch_size"]  # whole volumes: as before the key existed
         return json.dumps(data, sort_keys=True, default=list)
 
 
@@ -397,6 +413,11 @@ def parse_federation_config(
         model_data = dict(data.get("model", {}))
         if "img_size" in model_data:
             model_data["img_size"] = tuple(model_data["img_size"])
+        if "patch_size" in model_data:
+            if not isinstance(model_data["patch_size"], (list, tuple)):
+                raise ConfigError(f"model.patch_size must be a list of three sizes, e.g. [32, 32, 32], or [] "
+                                  f"(whole volumes), got {model_data['patch_size']!r}")
+            model_data["patch_size"] = tuple(model_data["patch_size"])
         codec_data = dict(data.get("codec", {}))
         warmup = SparsityWarmup(**{WARMUP_KEYS[k]: codec_data.pop(k) for k in list(codec_data) if k in WARMUP_KEYS})
         return FederationConfig(

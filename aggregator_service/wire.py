@@ -34,6 +34,7 @@ def training_config_to_proto(config: FederationConfig, round_id: int = 1) -> pb.
             img_size=list(m.img_size),
             options_json=json.dumps(dict(m.options), sort_keys=True),
             spacing_mm=float(m.spacing_mm),
+            patch_size=list(m.patch_size),
         ),
         local_epochs=t.local_epochs,
         learning_rate=t.learning_rate_at(round_id, config.rounds),

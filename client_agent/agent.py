@@ -288,7 +288,9 @@ class SiteAgent:
     def site_data(self, config: pb.TrainingConfig) -> SiteData:
         """The site's datasets for the federation's model (built once per model geometry)."""
         augment = self._augmentation(config)
-        key = (tuple(config.model.img_size), config.model.out_channels, config.seed, config.model.spacing_mm, augment)
+        patch = tuple(config.model.patch_size)
+        key = (tuple(config.model.img_size), config.model.out_channels, config.seed, config.model.spacing_mm, augment,
+               patch)
         if self._data is None or key != self._data_key:
             data = build_datasets(
                 self.settings.data,
@@ -301,6 +303,7 @@ class SiteAgent:
                 augment=augment or False,
                 cache_dir=self.settings.cache_dir,
                 on_error=self.settings.on_bad_file,  # type: ignore[arg-type]
+                patch_size=patch or None,  # the federation's training window; empty: whole volumes
             )
             if data.in_channels != config.model.in_channels:
                 raise DataError(
@@ -542,12 +545,19 @@ class SiteAgent:
         self, r: int, config: pb.TrainingConfig, data: SiteData, global_arrays: Mapping[str, np.ndarray]
     ) -> tuple[Any, dict[str, Any], dict[str, np.ndarray]]:
         """Train from the global model, validate, and write the local model: (train result, scores, local arrays)."""
-        from model import DiceCELoss
+        from model import DiceCELoss, check_window
 
         seed = self._seed(config) + r  # a new shuffle and augmentation draw every round
         seed_everything(seed)
         data.train.reseed(seed)
         model = model_from_config(config)
+        patch = tuple(config.model.patch_size) or None
+        if patch is not None:
+            try:
+                check_window(model, patch)
+            except ValueError as exc:
+                # The federation's window does not fit its own network: every site skips the round with this reason.
+                raise TrainingError(f"the federation's model.patch_size: {exc}") from None
         load_arrays(model, global_arrays)
         model.to(self.device)
         # proto3 cannot tell an unset 0 from an explicit one; the aggregator always sends its
@@ -575,7 +585,7 @@ class SiteAgent:
             trained = train_local(model, loader, loop, device=self.device, loss_fn=loss_fn,
                                   optimizer_state=optimizer_state, progress=self.reporter.progress(r))
         scores = evaluate(model, data.val, device=self.device, num_classes=config.model.out_channels,
-                          amp=self.settings.amp)
+                          amp=self.settings.amp, roi_size=patch)
         local = dict(named_arrays(model))
         self.state.write_tensors("local", r, local.items())
         return trained, scores, local

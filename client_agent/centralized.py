@@ -70,6 +70,9 @@ class TrainSettings:
         normalize: z-score over ``"nonzero"`` voxels (MR) or the whole ``"volume"`` (CT).
         spacing_mm: > 0: resample every case to this isotropic spacing and crop/pad it to
             ``img_size`` (a federation's ``[model] spacing_mm``); 0: resize whole volumes.
+        patch_size: train on random windows of this size (at most ``img_size``; a federation's
+            ``[model] patch_size``) and validate by sliding windows of it; empty: whole volumes.
+            Recorded in the checkpoint, so that ``fedseg segment`` slides the same windows.
         cache_dir: keep preprocessed volumes there (reused by later runs); None: in memory.
         num_workers: DataLoader worker processes.
     """
@@ -98,8 +101,10 @@ class TrainSettings:
     cache_dir: Path | None = None
     num_workers: int = 0
     spacing_mm: float = 0.0
+    patch_size: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        from client_agent.data import check_patch_size
         from model import ARCHITECTURES
 
         if not self.data_dirs:
@@ -112,6 +117,8 @@ class TrainSettings:
         if not isinstance(self.options, Mapping):
             raise ValueError(f"options must be a mapping of build_model options, got {type(self.options).__name__}")
         object.__setattr__(self, "img_size", size3("img_size", self.img_size))
+        if self.patch_size:
+            object.__setattr__(self, "patch_size", check_patch_size(self.patch_size, self.img_size))
         _positive_int("epochs", self.epochs)
         _positive_int("batch_size", self.batch_size)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -283,6 +290,7 @@ def _datasets(s: TrainSettings, pool: _Pool, *, pin_memory: bool) -> _Data:
     from client_agent.data import (
         NiftiSegDataset,
         PreprocessConfig,
+        RandPatch,
         VolumeCache,
         augmentation_recipe,
         build_augmentation,
@@ -293,7 +301,8 @@ def _datasets(s: TrainSettings, pool: _Pool, *, pin_memory: bool) -> _Data:
     cache = VolumeCache(config=config, label_map=pool.label_map, num_classes=pool.num_classes, cache_dir=s.cache_dir)
     recipe = augmentation_recipe(s.augmentation) if s.augment else None
     augment = build_augmentation(recipe, spatial_size=s.img_size, seed=s.seed) if recipe else None
-    train_set = NiftiSegDataset(pool.train, cache=cache, augment=augment)
+    patch = RandPatch(s.patch_size, seed=s.seed) if s.patch_size else None
+    train_set = NiftiSegDataset(pool.train, cache=cache, augment=augment, patch=patch)
     val_set = NiftiSegDataset(pool.val, cache=cache, augment=None)
     in_channels = int(cache.get(pool.train[0]).image.shape[0])
     grid_spacing = [float(np.median([cache.get(c).spacing[i] for c in pool.train])) for i in range(3)]
@@ -305,9 +314,10 @@ def _datasets(s: TrainSettings, pool: _Pool, *, pin_memory: bool) -> _Data:
 
 def _train_and_validate(
     net: nn.Module, opt: Any, loop: LoopSettings, data: _Data, *, epoch: int, device: Any,
-    loss_fn: Callable[[Any, Any], Any], num_classes: int, best_dice: float,
+    loss_fn: Callable[[Any, Any], Any], num_classes: int, best_dice: float, roi_size: Sequence[int] | None = None,
 ) -> tuple[EpochRecord, dict[str, Any]]:
-    """One epoch of the shared training loop, then whole-volume validation; the record and the scores."""
+    """One epoch of the shared training loop, then whole-volume validation (by ``roi_size``
+    windows when training used them); the record and the scores."""
     from client_agent.training import check_finite_weights, evaluate, train_epoch
 
     t0 = time.perf_counter()
@@ -315,7 +325,7 @@ def _train_and_validate(
     stats = train_epoch(net, data.loader, opt, loop, epoch=epoch, device=device, loss_fn=loss_fn)
     check_finite_weights(net)
     # fp32 validation, as sites validate and as `fedseg evaluate` scores: comparable numbers.
-    scores = evaluate(net, data.val_set, device=device, num_classes=num_classes, loss_fn=loss_fn)
+    scores = evaluate(net, data.val_set, device=device, num_classes=num_classes, loss_fn=loss_fn, roi_size=roi_size)
     val = {k: float(scores[k]) for k in METRIC_NAMES}
     record = EpochRecord(
         epoch=epoch, epochs=loop.epochs, train_loss=stats.loss, val_loss=float(scores["loss"]),
@@ -366,7 +376,7 @@ def train_centralized(
         client_agent.training.TrainingError: non-finite loss or weights.
     """
     from client_agent.training import build_optimizer, pick_device, seed_everything
-    from model import DiceCELoss, build_model, save_checkpoint
+    from model import DiceCELoss, build_model, check_window, save_checkpoint
 
     start = time.perf_counter()
     s = settings
@@ -382,6 +392,8 @@ def train_centralized(
         "in_channels": data.in_channels, "out_channels": pool.num_classes, "img_size": list(s.img_size), **dict(s.options),
     }
     net = build_model(s.architecture, **model_config)
+    if s.patch_size:
+        check_window(net, s.patch_size)  # ValueError: e.g. not a multiple of the network's downsampling
     loss_fn = DiceCELoss(lambda_dice=s.lambda_dice)
     loop = LoopSettings(epochs=s.epochs, lr=s.lr, amp=s.amp, optimizer=s.optimizer, momentum=s.momentum)
     net.to(device)
@@ -393,13 +405,15 @@ def train_centralized(
         "normalize": s.normalize, "canonical": True, "label_map": _label_map_json(pool.label_map),
         "grid_spacing_mm": data.grid_spacing, "spacing_mm": s.spacing_mm or None,
         "channel_names": channel_names, "class_names": class_names,
+        "patch_size": list(s.patch_size) or None,
     }
 
     history: list[EpochRecord] = []
     best_dice, best_epoch = -math.inf, 0
     for epoch in range(1, s.epochs + 1):
         record, scores = _train_and_validate(net, opt, loop, data, epoch=epoch, device=device, loss_fn=loss_fn,
-                                             num_classes=pool.num_classes, best_dice=best_dice)
+                                             num_classes=pool.num_classes, best_dice=best_dice,
+                                             roi_size=s.patch_size or None)
         history.append(record)
         if record.best:
             best_dice, best_epoch = record.val["dice"], epoch

@@ -103,9 +103,15 @@ def _img_size(loaded: _Exportable) -> tuple[int, int, int]:
     return (size[0], size[1], size[2])
 
 
+def _window(loaded: _Exportable) -> tuple[int, int, int]:
+    """What the network takes: the window it trained on (``[model] patch_size``), else the whole grid."""
+    patch = getattr(loaded, "patch_size", None)
+    return (int(patch[0]), int(patch[1]), int(patch[2])) if patch else _img_size(loaded)
+
+
 def _example(loaded: _Exportable, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn((1, int(loaded.config["in_channels"]), *_img_size(loaded)), generator=gen)
+    return torch.randn((1, int(loaded.config["in_channels"]), *_window(loaded)), generator=gen)
 
 
 def _eager_cpu(loaded: _Exportable) -> nn.Module:
@@ -227,7 +233,7 @@ def bundle_metadata(
     """``configs/metadata.json`` of the bundle: MONAI's fields plus the preprocessing a scan needs."""
     import monai
 
-    size = list(_img_size(loaded))
+    size, window = list(_img_size(loaded)), list(_window(loaded))
     channels = _names(channel_names, loaded.preprocess.get("channel_names"), int(loaded.config["in_channels"]),
                       "channel names", lambda i: f"channel {i}")
     classes = _names(class_names, loaded.preprocess.get("class_names"), int(loaded.config["out_channels"]),
@@ -255,14 +261,14 @@ def bundle_metadata(
             "inputs": {
                 "image": {
                     "type": "image", "format": "magnitude", "modality": "MR", "num_channels": len(channels),
-                    "spatial_shape": size, "dtype": "float32", "value_range": [], "is_patch_data": False,
+                    "spatial_shape": window, "dtype": "float32", "value_range": [], "is_patch_data": window != size,
                     "channel_def": {str(i): n for i, n in enumerate(channels)},
                 }
             },
             "outputs": {
                 "pred": {
                     "type": "image", "format": "segmentation", "num_channels": len(classes),
-                    "spatial_shape": size, "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
+                    "spatial_shape": window, "dtype": "float32", "value_range": [0, 1], "is_patch_data": window != size,
                     "channel_def": {str(i): n for i, n in enumerate(classes)},
                 }
             },
@@ -319,8 +325,9 @@ def bundle_inference_config(loaded: _Exportable, *, cpu_only: bool = False) -> d
                 {"_target_": "Resized", "keys": "image", "spatial_size": size, "mode": "trilinear"},
             ],
         },
-        # One window covers the resized scan (roi = img_size), as in fedseg segment.
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": size, "sw_batch_size": 1, "overlap": 0.25,
+        # Windows of what the network trained on slide over the resized scan, as in fedseg segment
+        # (one window covers it when the network trained on whole volumes).
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(_window(loaded)), "sw_batch_size": 1, "overlap": 0.25,
                     "mode": "gaussian"},
         "predict": (
             "$lambda d: {**d, 'pred': torch.softmax(@inferer(d['image'][None].to(@device), @network).float(), dim=1)"

@@ -15,8 +15,9 @@ evaluation and segmentation repeat it exactly.
 **Segmentation resolution (``mode="resize"``, the default).** Training resizes each whole scan,
 whatever its size and spacing, to ``img_size``: the network learned anatomy at the scale "one
 field of view per grid". A scan is therefore segmented the same way: z-score, resize the whole
-scan to ``img_size``, predict (sliding windows of ``roi``; with the default ``roi = img_size`` one
-window covers it), resample the class *probabilities* back to the scan's own grid (trilinear, then
+scan to ``img_size``, predict (sliding windows of ``roi``; the default ``roi`` is the window the
+network trained on, ``[model] patch_size``, or ``img_size`` when it trained on whole volumes, where
+one window covers it), resample the class *probabilities* back to the scan's own grid (trilinear, then
 argmax: smoother borders than resampling the label map by nearest neighbour), undo the
 reorientation (:func:`client_agent.data.from_canonical`), and write a ``uint8`` class map with the scan's own shape and affine.
 ``mode="native"`` skips the resizing and slides ``roi`` windows over the scan at its own
@@ -93,6 +94,8 @@ class LoadedModel:
 
     ``preprocess`` holds ``normalize`` (``"nonzero"``/``"volume"``), ``label_map`` (``{raw: class}``
     or None) and ``grid_spacing_mm`` (median training spacing on the grid, or None if unknown).
+    ``patch_size``: the window the network trained on (``[model] patch_size``), which predictions
+    slide over the volume by default; None when it trained on whole ``img_size`` volumes.
     """
 
     net: nn.Module
@@ -101,6 +104,7 @@ class LoadedModel:
     preprocess: dict[str, Any]
     source: Path
     device: torch.device
+    patch_size: tuple[int, int, int] | None = None
 
     @property
     def in_channels(self) -> int:
@@ -113,6 +117,12 @@ class LoadedModel:
     @property
     def img_size(self) -> tuple[int, int, int]:
         return size3("img_size", [int(v) for v in self.config["img_size"]])
+
+    def window(self, roi: Sequence[int] | None = None) -> tuple[int, int, int]:
+        """The prediction window: ``roi`` when given, else the training window, else ``img_size``."""
+        if roi is not None:
+            return size3("roi", list(roi))
+        return self.patch_size or self.img_size
 
 
 def _is_frames_file(path: Path) -> bool:
@@ -186,8 +196,9 @@ def load_model(
                                   "spacing_mm": None}
     if _is_frames_file(path):
         net, architecture, config = _load_frames(path, Path(config_path) if config_path is not None else None)
-        spacing_mm = float(_federation_model_config(Path(str(config_path))).spacing_mm)
-        preprocess["spacing_mm"] = spacing_mm if spacing_mm > 0 else None
+        model_config = _federation_model_config(Path(str(config_path)))
+        preprocess["spacing_mm"] = float(model_config.spacing_mm) if model_config.spacing_mm > 0 else None
+        patch = list(model_config.patch_size) or None
     else:
         if config_path is not None:
             logger.warning("%s is a checkpoint with its own model config; --config %s is ignored", path, config_path)
@@ -202,6 +213,7 @@ def load_model(
             ) from exc
         architecture, config = meta["architecture"], dict(meta["config"])
         preprocess.update(meta.get("extra", {}).get("preprocess", {}))
+        patch = preprocess.pop("patch_size", None)  # fedseg train --patch-size records it here
     if label_map is not None:
         preprocess["label_map"] = label_map
     resolved = resolve_label_map(preprocess.get("label_map"))
@@ -210,7 +222,8 @@ def load_model(
         raise ValueError(f"{path}: unknown normalisation {preprocess.get('normalize')!r}; allowed: {list(NORMALIZE_MODES)}")
     net.to(dev)
     net.eval()
-    return LoadedModel(net=net, architecture=architecture, config=config, preprocess=preprocess, source=path, device=dev)
+    return LoadedModel(net=net, architecture=architecture, config=config, preprocess=preprocess, source=path, device=dev,
+                       patch_size=size3("patch_size", [int(v) for v in patch]) if patch else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +269,7 @@ def predict_labels(
 
     ``mode="resize"``: z-score, resize to the model's ``img_size``, predict, resample the
     probabilities back to ``(D, H, W)`` trilinearly, argmax. ``mode="native"``: z-score and slide
-    ``roi`` windows at the image's own resolution. ``roi`` defaults to the model's ``img_size``.
+    ``roi`` windows at the image's own resolution. ``roi`` defaults to :meth:`LoadedModel.window`.
     See the module docstring for when each is right.
     """
     from monai.transforms import Resize
@@ -268,7 +281,7 @@ def predict_labels(
     _check_channels(loaded, image, "the image")
     if loaded.num_classes > 256:
         raise ValueError(f"a uint8 class map holds at most 256 classes; the model has {loaded.num_classes}")
-    window = size3("roi", list(roi)) if roi is not None else loaded.img_size
+    window = loaded.window(roi)
     shape = tuple(int(s) for s in image.shape[1:])
     normalize = str(loaded.preprocess.get("normalize", "nonzero"))
     if mode == "resize":
@@ -354,8 +367,7 @@ def _segment_at_spacing(model: LoadedModel, path: Path, roi: Sequence[int] | Non
     image, affine = load_scan(path)
     normalized, grid = image_on_grid(image, affine, spacing_mm=float(spacing), size=model.img_size,
                                      normalize=str(model.preprocess.get("normalize", "nonzero")))
-    window = size3("roi", list(roi)) if roi is not None else model.img_size
-    probs = _probabilities(model, normalized, window, overlap, amp).numpy()
+    probs = _probabilities(model, normalized, model.window(roi), overlap, amp).numpy()
     return from_model_grid(probs, grid, shape=image.shape, affine=affine)
 
 
@@ -475,8 +487,7 @@ def evaluate_model(
     for case in good:
         if grid == "model":
             volume = preprocess_case(case, config=config, label_map=mapping, num_classes=num_classes)
-            window = size3("roi", list(roi)) if roi is not None else model.img_size
-            pred = _probabilities(model, volume.image, window, overlap, amp).argmax(dim=0).numpy()
+            pred = _probabilities(model, volume.image, model.window(roi), overlap, amp).argmax(dim=0).numpy()
             target, spacing = volume.label, volume.spacing
         else:
             image, _, spacing = load_image(case.image_paths, canonical=True)

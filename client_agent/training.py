@@ -22,7 +22,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -510,8 +510,13 @@ def evaluate(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     include_background: bool = False,
     region_fn: Callable[[np.ndarray], Mapping[str, np.ndarray]] | None = None,
+    roi_size: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Segment every volume whole and average the metrics over cases.
+
+    ``roi_size``: the window the network was trained on (``[model] patch_size``); volumes larger
+    than it are predicted by overlapping windows of it (:func:`model.window_logits`), as at
+    inference. None: one pass over the whole volume.
 
     Returns ``{"dice", "iou", "hd95", "precision", "recall": float (means over cases of the
     per-case class means), "per_class": {"1": {metric: mean over cases}, …}, "cases": n}``,
@@ -519,7 +524,7 @@ def evaluate(
     when ``region_fn`` (e.g. :func:`client_agent.data.regions_from_labels`) maps a ``(D, H, W)``
     class map to boolean region masks (BraTS ET/TC/WT). HD95 is in mm, using each case's spacing.
     """
-    from model import segmentation_metrics
+    from model import segmentation_metrics, window_logits
 
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
@@ -537,7 +542,7 @@ def evaluate(
                 image = batch["image"].to(device)
                 label = batch["label"].to(device)
                 with autocast(device, amp):
-                    logits = model(image)
+                    logits = window_logits(model, image, roi_size)
                 logits = logits.float()
                 if loss_fn is not None:
                     # The loss is a batch mean; weight it by the batch size to get a mean over cases.

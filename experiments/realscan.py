@@ -116,16 +116,19 @@ def reference_segmentation(image: np.ndarray, *, name: str = "scan", seed: int =
 
 
 def segment_scan(net: Any, image: np.ndarray, affine: np.ndarray, *, spacing_mm: float,
-                 size: Sequence[int]) -> np.ndarray:
-    """A ``uint8`` class map of ``image`` on its own grid from ``net`` trained at ``spacing_mm``."""
+                 size: Sequence[int], roi_size: Sequence[int] | None = None) -> np.ndarray:
+    """A ``uint8`` class map of ``image`` on its own grid from ``net`` trained at ``spacing_mm``
+    (on ``roi_size`` windows, ``[model] patch_size``, when given: predicted window by window)."""
     import torch
+
+    from model import window_logits
 
     normalized, grid = image_on_grid(image, affine, spacing_mm=spacing_mm, size=size, normalize="nonzero")
     x = torch.from_numpy(normalized)[None]
     device = next(net.parameters()).device
     net.eval()
     with torch.no_grad():
-        probs = torch.softmax(net(x.to(device)).float(), dim=1)[0].cpu().numpy()
+        probs = torch.softmax(window_logits(net, x.to(device), roi_size).float(), dim=1)[0].cpu().numpy()
     return from_model_grid(probs, grid, shape=image.shape, affine=affine)
 
 
@@ -182,13 +185,15 @@ def save_figure(image: np.ndarray, prediction: np.ndarray, reference: np.ndarray
 
 
 def evaluate_on_real_scans(net: Any, *, spacing_mm: float, size: Sequence[int], figure_dir: Path | None = None,
-                           tag: str = "model", scans: Sequence[RealScan] | None = None) -> dict[str, dict[str, float]]:
-    """Score ``net`` on every installed real scan; with ``figure_dir``, write ``<tag>-<scan>.png``."""
+                           tag: str = "model", scans: Sequence[RealScan] | None = None,
+                           roi_size: Sequence[int] | None = None) -> dict[str, dict[str, float]]:
+    """Score ``net`` on every installed real scan; with ``figure_dir``, write ``<tag>-<scan>.png``.
+    ``roi_size``: the network's window (``[model] patch_size``; None: whole volumes)."""
     results: dict[str, dict[str, float]] = {}
     for scan in available_real_scans() if scans is None else scans:
         image, affine = load_scan(scan.path)
         reference = _cached_reference(str(scan.path), image)
-        prediction = segment_scan(net, image, affine, spacing_mm=spacing_mm, size=size)
+        prediction = segment_scan(net, image, affine, spacing_mm=spacing_mm, size=size, roi_size=roi_size)
         results[scan.name] = score_segmentation(prediction, reference)
         if figure_dir is not None:
             s = results[scan.name]

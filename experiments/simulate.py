@@ -353,7 +353,7 @@ class GlobalEvaluator:
                              f"{sorted(set(arrays) ^ set(net.state_dict()))[:5]}")
         net.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
         scores = evaluate(net, self.dataset, device=self.device, num_classes=m.out_channels,
-                          region_fn=self.region_fn)
+                          region_fn=self.region_fn, roi_size=m.patch_size or None)
         out = {k: float(scores[k]) for k in SEGMENTATION_METRIC_NAMES}
         for region, values in scores.get("regions", {}).items():
             out.update({f"{region}/{k}": float(values[k]) for k in SEGMENTATION_METRIC_NAMES if k in values})
@@ -552,7 +552,7 @@ def score_real_scans(config: FederationConfig, spacing_mm: float, model_path: Pa
         return {}
     net = realscan.load_federation_model(model_path, config)
     scores = realscan.evaluate_on_real_scans(net, spacing_mm=spacing_mm, size=config.model.img_size,
-                                             figure_dir=figure_dir, tag=tag)
+                                             figure_dir=figure_dir, tag=tag, roi_size=config.model.patch_size or None)
     held = "" if held_out_dice is None else f"held-out Dice {held_out_dice:.4f} | "
     stream.write(f"{tag} global model: {held}real scan (Dice at its native grid vs a 3-class intensity "
                  f"reference) {realscan.summary_line(scores)} | figures in {figure_dir}\n")

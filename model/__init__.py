@@ -6,7 +6,7 @@ averaging can treat each entry alike.
 """
 
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.inference import sliding_window_predict
+from model.inference import check_window, sliding_window_predict, window_logits
 from model.losses import DiceCELoss
 from model.metrics import METRIC_NAMES, segmentation_metrics
 from model.registry import ARCHITECTURES, DEFAULT_ARCHITECTURE, allowed_options, build_model
@@ -23,5 +23,7 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "segmentation_metrics",
+    "check_window",
     "sliding_window_predict",
+    "window_logits",
 ]

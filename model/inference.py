@@ -9,7 +9,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-__all__ = ["sliding_window_predict"]
+__all__ = ["check_window", "sliding_window_predict", "window_logits"]
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +68,38 @@ def sliding_window_predict(
         )
     assert isinstance(out, torch.Tensor)  # one output head: MONAI returns a tensor, not a tuple/dict
     return out.as_tensor() if hasattr(out, "as_tensor") else out
+
+
+def check_window(model: nn.Module, size: Sequence[int]) -> None:
+    """Raise ValueError unless ``model`` takes ``(D, H, W)`` inputs of ``size`` as they are.
+
+    A training window (``[model] patch_size``) cannot be rounded up the way a prediction window
+    is: its labels would not follow. Uses the ``size_divisor`` and ``fixed_input_size`` that
+    :func:`model.build_model` sets.
+    """
+    window = tuple(int(s) for s in size)
+    fixed = getattr(model, "fixed_input_size", None)
+    if fixed is not None and tuple(fixed) != window:
+        raise ValueError(f"this network only takes inputs of {list(fixed)} voxels, so patch_size must be "
+                         f"{list(fixed)} or empty, got {list(window)}")
+    divisor = int(getattr(model, "size_divisor", 1))
+    if any(s % divisor for s in window):
+        raise ValueError(f"patch_size {list(window)} must be a multiple of {divisor} along every axis for this "
+                         f"network (its downsamplings), e.g. {[-(-s // divisor) * divisor for s in window]}")
+
+
+def window_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int] | None, *,
+                  overlap: float = 0.25, sw_batch_size: int = 8) -> torch.Tensor:
+    """Logits for a whole ``(B, C, D, H, W)`` volume from a network trained on ``roi_size`` windows.
+
+    ``roi_size`` None, or not smaller than the volume: ``model(image)``, one pass. Otherwise the
+    log of :func:`sliding_window_predict`'s blended probabilities, which softmax and argmax read
+    as they read logits (``softmax(log p) = p``), so a caller that scores or takes a loss on
+    logits needs no second path. The windows go through the network ``sw_batch_size`` at a time:
+    on a CPU the eight 32³ windows of a 48³ volume cost 0.48 s as one batch and 1.6 s one by one
+    (whole volume in one pass: 0.38 s; the quick generalization experiment's network, one thread).
+    """
+    if roi_size is None or all(int(r) >= s for r, s in zip(roi_size, image.shape[2:])):
+        return model(image)
+    probs = sliding_window_predict(model, image, roi_size=roi_size, overlap=overlap, sw_batch_size=sw_batch_size)
+    return torch.log(probs.float().clamp_min(1e-12))

@@ -46,5 +46,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="federation (or fedseg simulate) TOML: required for a .frames model")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--roi", type=int, nargs="+", metavar="N",
-                        help="sliding-window size: one int or three (default: the model's img_size)")
+                        help="sliding-window size: one int or three (default: the window the model trained on, "
+                             "[model] patch_size / fedseg train --patch-size, else its img_size)")
     parser.add_argument("--amp", type=yes_no, default=False, metavar="yes/no", help="bf16 autocast on CUDA (default no)")

@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resample every case to this isotropic voxel spacing, then crop/pad to --img-size "
                              "around the foreground (recorded in the checkpoint; fedseg segment then resamples "
                              "scans to it); 0 (default): resize whole volumes to --img-size")
+    parser.add_argument("--patch-size", type=int, nargs="+", metavar="N",
+                        help="train on random windows of this size (one int or three, at most --img-size, a "
+                             "multiple of the network's downsampling) and predict by sliding them over the volume, "
+                             "as nnU-Net does; steps cost about in proportion to the window's voxels (recorded in "
+                             "the checkpoint). Default: whole volumes")
     parser.add_argument("--cache-dir", type=Path, help="keep preprocessed volumes here (default: in memory)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
 
@@ -61,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lambda_dice=args.lambda_dice, amp=args.amp,
         optimizer=args.optimizer, momentum=args.momentum,
         device=args.device, seed=args.seed, label_map=args.label_map, num_classes=args.num_classes,
-        val_fraction=args.val_fraction, augment=args.augment, augmentation=args.augmentation, normalize=args.normalize, spacing_mm=args.spacing_mm, cache_dir=args.cache_dir,
+        val_fraction=args.val_fraction, augment=args.augment, augmentation=args.augmentation, normalize=args.normalize, spacing_mm=args.spacing_mm,
+        patch_size=size_arg("--patch-size", args.patch_size) if args.patch_size else (), cache_dir=args.cache_dir,
         num_workers=args.num_workers,
     )
     summary = train_centralized(settings, on_epoch=lambda r: print(r.line(), flush=True))

@@ -9,6 +9,7 @@
 ``preprocess``         one case -> one fixed-grid volume (z-score, resize)
 ``cache``              preprocessed volumes in memory or on disk
 ``augment``            seeded MONAI random transforms for training
+``patches``            random training windows (``[model] patch_size``)
 ``datasets``           torch dataset, train/validation split, a site's datasets, loaders
 =====================  ========================================================================
 
@@ -46,6 +47,7 @@ from client_agent.data.labels import (
     resolve_label_map,
 )
 from client_agent.data.nifti import from_canonical, load_image, load_label, to_canonical
+from client_agent.data.patches import RandPatch, check_patch_size
 from client_agent.data.preprocess import (
     NORMALIZE_MODES,
     PreprocessConfig,
@@ -71,11 +73,13 @@ __all__ = [
     "NiftiSegDataset",
     "PreprocessConfig",
     "Problem",
+    "RandPatch",
     "SiteData",
     "Volume",
     "VolumeCache",
     "build_augmentation",
     "build_datasets",
+    "check_patch_size",
     "discover_cases",
     "from_canonical",
     "load_image",

@@ -18,6 +18,7 @@ from client_agent.data.discover import Case, discover_cases
 from client_agent.data.errors import DataError
 from client_agent.data.labels import resolve_label_map
 from client_agent.data.nifti import _load_nifti, _squeeze_5d
+from client_agent.data.patches import RandPatch, check_patch_size
 from client_agent.data.preprocess import PreprocessConfig
 from client_agent.data.validate import Problem, validate_cases
 
@@ -30,13 +31,17 @@ class NiftiSegDataset(Dataset):  # type: ignore[type-arg]
     Item ``i`` is ``{"image": float32 (C, D, H, W), "label": int64 (1, D, H, W),
     "spacing": float32 (3,) mm per voxel after resizing, "case_id": str}``.
     Preprocessing goes through ``cache``; ``augment`` (a seeded MONAI Compose) runs on every
-    access, so each epoch sees new random transforms.
+    access, so each epoch sees new random transforms. ``patch`` (training only) then cuts a
+    random window out of the augmented volume (:class:`client_agent.data.patches.RandPatch`), so
+    that image and label are ``patch.size`` instead of the whole grid.
     """
 
-    def __init__(self, cases: Sequence[Case], *, cache: VolumeCache, augment: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    def __init__(self, cases: Sequence[Case], *, cache: VolumeCache, augment: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 patch: RandPatch | None = None) -> None:
         self.cases = list(cases)
         self.cache = cache
         self.augment = augment
+        self.patch = patch
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -50,6 +55,8 @@ class NiftiSegDataset(Dataset):  # type: ignore[type-arg]
             out = self.augment({"image": image, "label": label.float()})
             image = _plain_tensor(out["image"]).float()
             label = _plain_tensor(out["label"]).round().long().clamp_(min=0)
+        if self.patch is not None:
+            image, label = self.patch(image, label)
         return {
             "image": image.contiguous(),
             "label": label.contiguous(),
@@ -58,9 +65,11 @@ class NiftiSegDataset(Dataset):  # type: ignore[type-arg]
         }
 
     def reseed(self, seed: int) -> None:
-        """Reseed the augmentation (each DataLoader worker calls this with its own seed)."""
+        """Reseed the augmentation and the windows (each DataLoader worker calls this with its own seed)."""
         if self.augment is not None and hasattr(self.augment, "set_random_state"):
             self.augment.set_random_state(seed=seed % (2**32))
+        if self.patch is not None:
+            self.patch.set_random_state(seed % (2**32))
 
 
 def _plain_tensor(x: Any) -> torch.Tensor:
@@ -129,6 +138,7 @@ def build_datasets(
     on_error: Literal["skip", "fail"] = "skip",
     normalize: Literal["nonzero", "volume"] = "nonzero",
     spacing_mm: float = 0.0,
+    patch_size: Sequence[int] | None = None,
 ) -> SiteData:
     """Discover, validate, split and wrap a site's data.
 
@@ -136,11 +146,14 @@ def build_datasets(
     True (default :class:`AugmentConfig`), False (none) or an :class:`AugmentConfig`; it applies
     to the training set only. ``cache_dir`` keeps preprocessed volumes on disk (recommended);
     without it they are cached in memory. ``spacing_mm`` > 0 resamples every case to that spacing
-    before cropping/padding it to ``spatial_size`` (:class:`PreprocessConfig`). Raises
-    :class:`DataError` when no case is usable.
+    before cropping/padding it to ``spatial_size`` (:class:`PreprocessConfig`). ``patch_size``
+    (at most ``spatial_size``; None or empty: whole volumes) makes every training item a random
+    window of that size (:class:`RandPatch`); validation volumes stay whole. Raises
+    :class:`DataError` when no case is usable, ValueError for a window that does not fit.
     """
     config = PreprocessConfig(spatial_size=tuple(spatial_size), normalize=normalize,  # type: ignore[arg-type]
                               spacing_mm=spacing_mm)
+    patch = RandPatch(check_patch_size(patch_size, config.spatial_size), seed=seed) if patch_size else None
     mapping = resolve_label_map(label_map)
     cases = discover_cases(root)
     good, problems = validate_cases(cases, num_classes=num_classes, label_map=mapping, on_error=on_error)
@@ -157,7 +170,7 @@ def build_datasets(
         "site data %s: %d train, %d validation, %d skipped", root, len(train_cases), len(val_cases), len(problems)
     )
     return SiteData(
-        train=NiftiSegDataset(train_cases, cache=cache, augment=aug),
+        train=NiftiSegDataset(train_cases, cache=cache, augment=aug, patch=patch),
         val=NiftiSegDataset(val_cases, cache=cache, augment=None),
         in_channels=_channel_count(good[0]),
         num_classes=num_classes,

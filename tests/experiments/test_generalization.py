@@ -30,6 +30,8 @@ def test_every_method_trains_on_randomized_whole_brain_sites(method: str, tmp_pa
     sim, federation, _ = load_simulation_config(path)
     assert sim.generator == "synth" and sim.size * sim.spacing_mm >= 180
     assert list(federation.model.img_size) == [sim.size] * 3
+    # Every method (centralized too) trains on and predicts by the same windows.
+    assert federation.model.patch_size == (32, 32, 32)
 
 
 def test_the_full_scale_is_the_3mm_grid_and_keeps_its_own_results_folder(tmp_path: Path) -> None:
@@ -37,6 +39,7 @@ def test_the_full_scale_is_the_3mm_grid_and_keeps_its_own_results_folder(tmp_pat
     path.write_text(dump_toml(method_config(_base(), FEDSEGNET, "full", "generalization")))
     sim, federation, _ = load_simulation_config(path)
     assert (sim.size, sim.spacing_mm, list(federation.model.img_size)) == (64, 3.0, [64, 64, 64])
+    assert federation.model.patch_size == (48, 48, 48)
     # Long training augments with the per-draw contrast; the short quick runs train on the cases as drawn.
     assert federation.training.augmentation == "synthseg"
     quick = tmp_path / "quick.toml"
@@ -77,6 +80,7 @@ def test_the_summary_names_models_config_and_real_scan_scores(tmp_path: Path, mo
     config = method_config(_base(), FEDSEGNET, "quick", "generalization")
     config["simulation"]["size"] = 16
     config["model"]["img_size"] = [16, 16, 16]
+    config["model"]["patch_size"] = [8, 8, 8]  # scored window by window, as the quick scale's 32^3 of 48^3
     run = tmp_path / "run"
     run.mkdir()
     (run / "sim.toml").write_text(dump_toml(config))

@@ -129,6 +129,7 @@ class ModelSpec(_message.Message):
     IMG_SIZE_FIELD_NUMBER: _builtins.int
     OPTIONS_JSON_FIELD_NUMBER: _builtins.int
     SPACING_MM_FIELD_NUMBER: _builtins.int
+    PATCH_SIZE_FIELD_NUMBER: _builtins.int
     architecture: _builtins.str
     """Registry name, e.g. "transformer_unet", "unet", "unetr", "swin_unetr", "cnn_unet"."""
     in_channels: _builtins.int
@@ -145,6 +146,14 @@ class ModelSpec(_message.Message):
     def img_size(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Spatial size (D, H, W) volumes are resampled to."""
 
+    @_builtins.property
+    def patch_size(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Window (D, H, W) the network trains and predicts on, each at most img_size: sites train on
+        random windows of this size from their img_size volumes (a third centred on a labelled voxel),
+        and every prediction slides overlapping windows of it over the volume (Gaussian-blended), as
+        nnU-Net and MONAI do. Empty = the whole img_size volume (as aggregators before this field sent).
+        """
+
     def __init__(
         self,
         *,
@@ -154,10 +163,11 @@ class ModelSpec(_message.Message):
         img_size: _abc.Iterable[_builtins.int] | None = ...,
         options_json: _builtins.str = ...,
         spacing_mm: _builtins.float = ...,
+        patch_size: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "img_size", b"img_size", "in_channels", b"in_channels", "options_json", b"options_json", "out_channels", b"out_channels", "spacing_mm", b"spacing_mm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "img_size", b"img_size", "in_channels", b"in_channels", "options_json", b"options_json", "out_channels", b"out_channels", "patch_size", b"patch_size", "spacing_mm", b"spacing_mm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
