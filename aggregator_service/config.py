@@ -33,7 +33,7 @@ Example (every key optional; the defaults are below)::
     momentum_correction = 0.0  # DGC momentum correction over round updates, in [0, 1) (docs/compression.md)
     clip_norm = 0.0          # local gradient clipping (global L2 norm per step); 0: off
     keep_optimizer_state = false  # keep the site's optimizer state across rounds
-    augmentation = "standard"  # standard | synthseg | none (client_agent/data/augment.py)
+    augmentation = "standard"  # standard | synthseg | contrast | none (client_agent/data/augment.py)
 
     [model]
     architecture = "transformer_unet"

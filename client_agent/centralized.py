@@ -66,7 +66,8 @@ class TrainSettings:
             value found (after ``label_map``) plus one.
         augment: on-the-fly augmentation of training volumes.
         augmentation: its recipe (:data:`client_agent.data.AUGMENTATIONS`, as a federation's
-            ``[training] augmentation``): ``"standard"`` or ``"synthseg"`` (a new contrast every draw).
+            ``[training] augmentation``): ``"standard"``, ``"synthseg"`` (a new contrast every draw),
+            ``"contrast"`` (only the new contrast, half of the draws) or ``"none"``.
         normalize: z-score over ``"nonzero"`` voxels (MR) or the whole ``"volume"`` (CT).
         spacing_mm: > 0: resample every case to this isotropic spacing and crop/pad it to
             ``img_size`` (a federation's ``[model] spacing_mm``); 0: resize whole volumes.

@@ -39,9 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--augment", type=yes_no, default=True, metavar="yes/no", help="default yes")
     parser.add_argument("--augmentation", choices=AUGMENTATIONS, default="standard",
-                        help="recipe: standard (rotations, scaling, flips, small intensity changes; default) or "
+                        help="recipe: standard (rotations, scaling, flips, small intensity changes; default), "
                              "synthseg (every draw a new contrast from the labels, bias field, gamma, noise, "
-                             "left-right flips only: for models that must hold on other scanners and contrasts)")
+                             "left-right flips only: for models that must hold on other scanners and contrasts), "
+                             "contrast (only that new contrast, on half of the draws, no geometry) or none")
     parser.add_argument("--normalize", choices=NORMALIZE_MODES, default="nonzero",
                         help="z-score over nonzero voxels (MR) or the whole volume (CT)")
     parser.add_argument("--spacing-mm", type=float, default=0.0, metavar="MM",

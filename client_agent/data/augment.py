@@ -1,6 +1,6 @@
 """On-the-fly training augmentation (seeded MONAI random transforms).
 
-Two recipes, chosen by name (:data:`AUGMENTATIONS`, the federation's ``[training] augmentation``):
+Three recipes, chosen by name (:data:`AUGMENTATIONS`, the federation's ``[training] augmentation``):
 
 * ``"standard"``: rotation, translation, scaling, rare elastic deformation, flips along every axis,
   small intensity scale/shift and noise (the usual nnU-Net/MONAI set).
@@ -9,6 +9,8 @@ Two recipes, chosen by name (:data:`AUGMENTATIONS`, the federation's ``[training
   Billot et al., Medical Image Analysis 2023), a smooth bias field, gamma and noise; geometry as in
   ``"standard"`` but flipped only left-right, because a head scan is never upside down or
   back to front once it is in RAS orientation, while a left-right mirror is still a brain.
+* ``"contrast"``: only ``"synthseg"``'s contrast stage, on half of the draws, with no geometry:
+  for sites whose cases already differ in shape and pose but share one contrast per site.
 """
 
 from __future__ import annotations
@@ -231,5 +233,12 @@ RECIPES: dict[str, AugmentConfig | None] = {
     # stage draws its own noise, so MONAI's intensity and noise transforms are off.
     "synthseg": replace(AugmentConfig(), flip_axes=(0,), contrast_prob=0.9, rotate_degrees=20.0, elastic_prob=0.0,
                         intensity_prob=0.0, noise_prob=0.0),
+    # Only the contrast stage, on half of the draws: for sites whose data already vary in geometry
+    # (the randomized generator's) but each keep one contrast. Sites that each see one contrast
+    # pull a shared model towards theirs and the global model swings between them round by round
+    # (results/README.md, "Generalization, fifth pass"); a redrawn contrast on every other draw
+    # gives each site's local objective the others' too, at the cost of one interpolation per draw.
+    "contrast": replace(AugmentConfig(), affine_prob=0.0, elastic_prob=0.0, flip_prob=0.0, flip_axes=(),
+                        intensity_prob=0.0, noise_prob=0.0, contrast_prob=0.5),
     "none": None,
 }

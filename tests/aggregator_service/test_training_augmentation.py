@@ -16,9 +16,9 @@ def test_the_round_config_carries_the_recipe() -> None:
 
 
 def test_an_unknown_recipe_is_refused_naming_the_allowed_ones() -> None:
-    with pytest.raises(ConfigError, match=r"training.augmentation must be one of \['standard', 'synthseg', 'none'\]"):
+    with pytest.raises(ConfigError, match=r"training.augmentation must be one of \['standard', 'synthseg', 'contrast', 'none'\]"):
         parse_federation_config({"training": {"augmentation": "SynthSeg"}})
-    assert AUGMENTATIONS == ("standard", "synthseg", "none")
+    assert AUGMENTATIONS == ("standard", "synthseg", "contrast", "none")
 
 
 @pytest.mark.parametrize("name, momentum, match", [("lion", 0.0, "optimizer must be one of"),

@@ -101,6 +101,21 @@ def test_the_synthseg_recipe_is_reproducible_and_flips_left_right_only() -> None
         AugmentConfig(flip_axes=(3,))
 
 
+def test_the_contrast_recipe_redraws_the_contrast_of_about_half_the_draws_and_never_moves_a_voxel() -> None:
+    config = augmentation_recipe("contrast")
+    assert config is not None and config.contrast_prob == 0.5
+    data = _two_tissues(16)
+    augment = build_augmentation(config, spatial_size=(16, 16, 16), seed=3)
+    redrawn = 0
+    for _ in range(40):
+        out = augment(dict(data))
+        assert torch.equal(torch.as_tensor(out["label"]), data["label"])  # no geometry: labels untouched
+        image = torch.as_tensor(out["image"])
+        assert torch.all(image[data["label"] == 0] == 0)
+        redrawn += not torch.equal(image, data["image"])
+    assert 10 <= redrawn <= 30  # Binomial(40, 0.5): outside [10, 30] with probability < 1e-3
+
+
 def _round_config(augmentation: str) -> pb.TrainingConfig:
     return pb.TrainingConfig(model=pb.ModelSpec(architecture="transformer_unet", in_channels=1, out_channels=4,
                                                 img_size=[16, 16, 16]), seed=1, augmentation=augmentation)

@@ -28,6 +28,6 @@ def check_optimizer(name: str, momentum: float) -> None:
         raise ValueError(f"momentum applies to optimizer 'sgd' only, got momentum={momentum} with {name!r}")
 
 
-AUGMENTATIONS: tuple[str, ...] = ("standard", "synthseg", "none")
+AUGMENTATIONS: tuple[str, ...] = ("standard", "synthseg", "contrast", "none")
 """``TrainingConfig.augmentation``: the site's on-the-fly augmentation recipe (empty means
 ``"standard"``). ``client_agent.data.augment`` defines what each name runs."""
