@@ -35,7 +35,7 @@ def sliding_window_predict(
     trust window centres more than borders). The result sums to 1 over the channel axis.
 
     Sizes: ``roi_size`` is rounded up to a multiple of the model's ``size_divisor`` (from
-    :func:`model.build_model`; 1 when absent), and MONAI pads a volume smaller than the window and
+    :func:`model.build_model`; 1 when absent), and to at least twice it, and MONAI pads a volume smaller than the window and
     crops the result back, so any volume size works. A model with a ``fixed_input_size``
     (UNETR) needs ``roi_size`` equal to it.
 
@@ -55,9 +55,11 @@ def sliding_window_predict(
     if fixed is not None and tuple(fixed) != roi:
         raise ValueError(f"this model only accepts inputs of size {tuple(fixed)}; pass roi_size={tuple(fixed)}, got {roi}")
     divisor = int(getattr(model, "size_divisor", 1))
-    padded_roi = tuple(_round_up(s, divisor) for s in roi)
+    # At least two voxels per axis at the coarsest level: instance normalization of one voxel is undefined.
+    padded_roi = tuple(max(_round_up(s, divisor), 2 * divisor) for s in roi)
     if padded_roi != roi:
-        log.info("roi_size %s rounded up to %s, a multiple of the model's size divisor %d", roi, padded_roi, divisor)
+        log.info("roi_size %s rounded up to %s, a multiple of the model's size divisor %d (at least twice it)",
+                 roi, padded_roi, divisor)
 
     def predict(window: torch.Tensor) -> torch.Tensor:
         return torch.softmax(model(window).float(), dim=1)
@@ -86,6 +88,11 @@ def check_window(model: nn.Module, size: Sequence[int]) -> None:
     if any(s % divisor for s in window):
         raise ValueError(f"patch_size {list(window)} must be a multiple of {divisor} along every axis for this "
                          f"network (its downsamplings), e.g. {[-(-s // divisor) * divisor for s in window]}")
+    if any(s < 2 * divisor for s in window):
+        # One voxel per axis at the coarsest level: instance normalization there is undefined and
+        # torch refuses it in the middle of the first training step.
+        raise ValueError(f"patch_size {list(window)} leaves one voxel per axis at this network's coarsest level "
+                         f"(it downsamples by {divisor}); use at least {2 * divisor} along every axis")
 
 
 def window_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int] | None, *,

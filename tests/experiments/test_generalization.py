@@ -79,9 +79,9 @@ def test_the_summary_names_models_config_and_real_scan_scores(tmp_path: Path, mo
     monkeypatch.setenv("FEDSEG_REAL_SCANS", str(scan))
 
     config = method_config(_base(), FEDSEGNET, "quick", "generalization")
-    config["simulation"]["size"] = 16
-    config["model"]["img_size"] = [16, 16, 16]
-    config["model"]["patch_size"] = [8, 8, 8]  # scored window by window, as the quick scale's 32^3 of 48^3
+    config["simulation"]["size"] = 32
+    config["model"]["img_size"] = [32, 32, 32]
+    config["model"]["patch_size"] = [16, 16, 16]  # scored window by window, as the quick scale's 32^3 of 48^3
     run = tmp_path / "run"
     run.mkdir()
     (run / "sim.toml").write_text(dump_toml(config))

@@ -56,6 +56,18 @@ def test_a_training_window_must_suit_the_network() -> None:
     check_window(net, (8, 12, 16))  # multiples of 4 (two downsamplings)
     with pytest.raises(ValueError, match=r"patch_size \[8, 10, 8\] must be a multiple of 4 .* e.g. \[8, 12, 8\]"):
         check_window(net, (8, 10, 8))
+    # 4 / 4 = one voxel at the coarsest level, where instance norm cannot normalize: refused up front.
+    with pytest.raises(ValueError, match=r"patch_size \[4, 8, 8\] leaves one voxel .* downsamples by 4.*at least 8"):
+        check_window(net, (4, 8, 8))
     fixed = build_model("unetr", in_channels=1, out_channels=3, img_size=(32, 32, 32))
     with pytest.raises(ValueError, match=r"only takes inputs of \[32, 32, 32\] voxels"):
         check_window(fixed, (16, 16, 16))
+
+
+def test_a_prediction_window_too_small_for_the_network_is_enlarged_instead_of_crashing() -> None:
+    net = build_model("transformer_unet", in_channels=1, out_channels=3, img_size=(16, 16, 16),
+                      channels=[4, 8, 16], num_transformer_layers=1, num_heads=2).eval()
+    image = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        small, smallest_valid = window_logits(net, image, (4, 4, 4)), window_logits(net, image, (8, 8, 8))
+    torch.testing.assert_close(small, smallest_valid)  # (4, 4, 4) ran as (8, 8, 8)
