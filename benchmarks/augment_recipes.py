@@ -3,7 +3,7 @@
 A plain training loop (not the federation) on a fixed pool of randomized cases from
 ``experiments.synth`` (the quick generalization experiment's three site ranges, cycled; 48³ at
 4 mm by default), each draw augmented by a recipe of ``client_agent.data.augment`` (``standard``,
-``synthseg`` or ``none``; a ``+lr`` suffix keeps the recipe but flips left-right only). The quick
+``synthseg``, ``contrast`` or ``none``; a ``+lr`` suffix keeps the recipe but flips left-right only). The quick
 experiment's Transformer U-Net, Adam, Dice+CE, batch 2, one torch thread. Every recipe of one run
 trains from the same initial weights on the same pool in the same draw order. Every ``--every``
 steps the model segments the installed real scan (Colin 27, Debian's ``mricron-data``) at its
@@ -22,11 +22,11 @@ import argparse
 import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from _realscan_probe import add_probe_arguments, build_quick_network, randomized_pool, real_scan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,19 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=40, help="score the real scan every this many steps")
     parser.add_argument("--size", type=int, default=48)
     parser.add_argument("--spacing", type=float, default=4.0)
-    parser.add_argument("--pool", type=int, default=72, help="fixed randomized cases to draw from")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=1234)
+    add_probe_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     from client_agent.data.augment import augmentation_recipe, build_augmentation
-    from client_agent.data.preprocess import normalize_image
-    from client_agent.spacing import load_scan
-    from experiments import realscan, sitedata, synth
-    from experiments.simulate import load_simulation_config
-    from model import build_model
+    from experiments import realscan
     from model.losses import DiceCELoss
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -61,27 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         config = augmentation_recipe(name)
         configs[recipe] = dataclasses.replace(config, flip_axes=(0,)) if config is not None and flips else config
 
-    templates = synth.load_synth_templates(2.0)
-    image, affine = load_scan(realscan.DEFAULT_SCANS[0].path)
-    reference = realscan.reference_segmentation(image)
-    ranges = [r for _, r in synth.SYNTH_SITES]
+    scan = real_scan()
+    image, affine, reference = scan.image, scan.affine, scan.reference
     grid = (args.size,) * 3
-    # The quick generalization experiment's network, as its configuration pins it.
-    spec = load_simulation_config(Path(__file__).resolve().parents[1] / "experiments/configs/generalization.toml")[1].model
-
-    def draw(i: int) -> tuple[np.ndarray, np.ndarray]:
-        anatomy, scanner = sitedata._case_rngs(args.seed, 7, i)
-        img, lab, _ = synth.make_synth_case(templates, size=args.size, spacing_mm=args.spacing,
-                                            ranges=ranges[i % len(ranges)], anatomy_rng=anatomy, scanner_rng=scanner)
-        return normalize_image(img[None], "nonzero"), lab
-
-    pool = [draw(i) for i in range(args.pool)]
+    pool = randomized_pool(args.pool, size=args.size, spacing_mm=args.spacing, seed=args.seed)
     last: dict[str, dict[str, float]] = {}
     for recipe, config in configs.items():
         augment = build_augmentation(config, spatial_size=grid, seed=0) if config else None
-        torch.manual_seed(args.seed)
-        net = build_model(spec.architecture, in_channels=spec.in_channels, out_channels=spec.out_channels,
-                          img_size=grid, **dict(spec.options))
+        net = build_quick_network(grid, args.seed)
         optimizer = torch.optim.Adam(net.parameters(), args.lr)
         loss_fn = DiceCELoss(lambda_dice=0.5)
 

@@ -24,10 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _realscan_probe import QUICK_CONFIG, add_probe_arguments, build_quick_network, randomized_pool, real_scan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,49 +35,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", default="whole,32", help="comma-separated: 'whole' (the baseline, first) or N (N³ windows)")
     parser.add_argument("--cpu-s", type=float, default=150.0, help="training CPU seconds per arm")
     parser.add_argument("--every", type=float, default=37.5, help="score the real scan every this many CPU seconds")
-    parser.add_argument("--pool", type=int, default=72, help="fixed randomized cases to draw from")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=1234)
+    add_probe_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     from client_agent.data import RandPatch
-    from client_agent.data.preprocess import normalize_image
-    from client_agent.spacing import from_model_grid, image_on_grid, load_scan
-    from experiments import realscan, sitedata, synth
+    from client_agent.spacing import from_model_grid, image_on_grid
+    from experiments import realscan
     from experiments.simulate import load_simulation_config
-    from model import build_model, window_logits
+    from model import window_logits
     from model.losses import DiceCELoss
 
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or any(a != "whole" and not a.isdigit() for a in arms):
         parser.error("--arms: 'whole' or window sizes, e.g. whole,32")
-    # The quick generalization experiment's network and grid, as its configuration pins them.
-    sim, federation, _ = load_simulation_config(Path(__file__).resolve().parents[1] / "experiments/configs/generalization.toml")
-    spec, size, spacing = federation.model, sim.size, sim.spacing_mm
+    # The quick generalization experiment's grid, as its configuration pins it.
+    sim = load_simulation_config(QUICK_CONFIG)[0]
+    size, spacing = sim.size, sim.spacing_mm
     grid = (size,) * 3
-    templates = synth.load_synth_templates(2.0)
-    image, affine = load_scan(realscan.DEFAULT_SCANS[0].path)
-    reference = realscan.reference_segmentation(image)
+    scan = real_scan()
+    image, affine, reference = scan.image, scan.affine, scan.reference
     normalized, model_grid = image_on_grid(image, affine, spacing_mm=spacing, size=grid, normalize="nonzero")
-    ranges = [r for _, r in synth.SYNTH_SITES]
-
-    def draw(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        anatomy, scanner = sitedata._case_rngs(args.seed, 7, i)
-        img, lab, _ = synth.make_synth_case(templates, size=size, spacing_mm=spacing,
-                                            ranges=ranges[i % len(ranges)], anatomy_rng=anatomy, scanner_rng=scanner)
-        return torch.from_numpy(normalize_image(img[None], "nonzero")), torch.from_numpy(lab.astype(np.int64))[None]
-
-    pool = [draw(i) for i in range(args.pool)]
+    pool = [(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))[None])
+            for x, y in randomized_pool(args.pool, size=size, spacing_mm=spacing, seed=args.seed)]
     results: dict[str, dict[str, float]] = {}
     curves: dict[str, list[dict[str, float]]] = {}
     for arm in arms:
         window = None if arm == "whole" else (int(arm),) * 3
         patch = RandPatch(window, seed=args.seed) if window else None
-        torch.manual_seed(args.seed)
-        net = build_model(spec.architecture, in_channels=spec.in_channels, out_channels=spec.out_channels,
-                          img_size=grid, **dict(spec.options))
+        net = build_quick_network(grid, args.seed)
         optimizer = torch.optim.Adam(net.parameters(), args.lr)
         loss_fn = DiceCELoss(lambda_dice=0.5)
         order = np.random.default_rng(0)
