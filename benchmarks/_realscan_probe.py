@@ -27,20 +27,15 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1234)
 
 
-def quick_network() -> Any:
-    """The quick generalization experiment's ``ModelConfig`` (architecture, channels, options)."""
-    from experiments.simulate import load_simulation_config
-
-    return load_simulation_config(QUICK_CONFIG)[1].model
-
-
 def build_quick_network(grid: tuple[int, int, int], seed: int) -> Any:
-    """That network for ``grid`` inputs, initialised from ``seed`` (every arm starts from the same weights)."""
+    """The quick generalization experiment's network (as its configuration pins it) for ``grid``
+    inputs, initialised from ``seed``: every arm of a probe starts from the same weights."""
     import torch
 
+    from experiments.simulate import load_simulation_config
     from model import build_model
 
-    spec = quick_network()
+    spec = load_simulation_config(QUICK_CONFIG)[1].model
     torch.manual_seed(seed)
     return build_model(spec.architecture, in_channels=spec.in_channels, out_channels=spec.out_channels,
                        img_size=grid, **dict(spec.options))
@@ -63,7 +58,7 @@ def randomized_pool(count: int, *, size: int, spacing_mm: float, seed: int) -> l
 
 
 @dataclass(frozen=True)
-class RealScan:
+class ProbeScan:
     """The first installed real scan at its native grid, with the project's classical reference."""
 
     image: np.ndarray
@@ -71,7 +66,7 @@ class RealScan:
     reference: np.ndarray
 
 
-def real_scan() -> RealScan:
+def real_scan() -> ProbeScan:
     from client_agent.spacing import load_scan
     from experiments import realscan
 
@@ -79,4 +74,4 @@ def real_scan() -> RealScan:
     if not scans:
         raise SystemExit(realscan.missing_scan_hint())
     image, affine = load_scan(scans[0].path)
-    return RealScan(image=image, affine=affine, reference=realscan.reference_segmentation(image))
+    return ProbeScan(image=image, affine=affine, reference=realscan.reference_segmentation(image))

@@ -2,11 +2,11 @@
 
 A step on a 32³ window of a 48³ volume costs about a third of a step on the whole volume, and
 in equal CPU time the windows teach more: on the quick generalization experiment's data, pooled
-training reached grey/white-matter Dice 0.73 on the real scan after 110 CPU-s of 32³ windows,
-0.65 after 113 CPU-s of whole volumes, and only the windows learned CSF (0.42 against 0.0;
-results/README.md). Prediction must then slide windows of the same size over the volume
-(:func:`model.sliding_window_predict`): the network's InstanceNorm statistics and its
-transformer's position encoding are those of a window, and a whole volume (three quarters
+training reached grey/white-matter Dice 0.727 on the real scan after 150 CPU-s of 32³ windows
+against 0.649 for whole volumes, and only the windows learned CSF (0.43 against 0.0;
+``benchmarks/patch_training.py``, benchmarks/README.md). Prediction must then slide windows of
+the same size over the volume (:func:`model.window_logits`): the network's InstanceNorm
+statistics and its transformer's position encoding are those of a window, and a whole volume (three quarters
 background at 48³) gives it other ones.
 
 :class:`RandPatch` draws the windows. A third of them (nnU-Net's oversampling of foreground) are
