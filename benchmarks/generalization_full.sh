@@ -2,12 +2,12 @@
 # `fedseg experiment generalization --scale full` on a lent GPU machine, as one prepared command:
 # centralized, dense FedAvg and FedSegNet on the randomized sites at 64^3 / 3 mm (48^3 windows,
 # 20 rounds x 6 local epochs, `synthseg` augmentation), each final model scored on the real scan.
-# The full-scale targets of results/README.md ("Generalization, fifth pass") are read off its table.
+# The full-scale targets of results/README.md ("Generalization, sixth pass") are read off its table.
 #
 #   bash benchmarks/generalization_full.sh                   # the whole experiment
 #   bash benchmarks/generalization_full.sh --max-minutes 8   # in parts: the same command resumes
 #                                                            # while runs/ survives (a warm machine)
-#   bash benchmarks/generalization_full.sh --methods fedsegnet_warmup   # one method now
+#   bash benchmarks/generalization_full.sh --methods fedsegnet_short    # one method now
 #
 # Arguments go on to `fedseg experiment generalization --scale full`. Packages: checked in seconds
 # as benchmarks/gpu_record.sh checks them (missing ones installed from .whl/ only, status 3 if any

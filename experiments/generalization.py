@@ -54,7 +54,7 @@ def finish_generalization(out: Path, runs: Mapping[str, Mapping[str, Any]], summ
     config_path: str | None = None
     real: dict[str, dict[str, dict[str, float]]] = {}
     names = {"centralized": "centralized", "fedavg_dense": "fedavg", "fedsegnet": "fedsegnet",
-             "fedsegnet_warmup": "fedsegnet"}
+             "fedsegnet_warmup": "fedsegnet", "fedsegnet_short": "fedsegnet"}
     for method, record in runs.items():
         final = record.get("final_model")
         if not final:

@@ -44,6 +44,7 @@ __all__ = [
     "save_figure",
     "evaluate_on_real_scans",
     "CLASS_NAMES",
+    "grid_ceiling",
 ]
 
 CLASS_NAMES = {1: "CSF", 2: "GM", 3: "WM"}
@@ -252,11 +253,40 @@ def calibrate_on_template() -> dict[str, float]:
     return score_segmentation(labels, reference_segmentation(t1, name="MNI152 T1"))
 
 
+def grid_ceiling(image: np.ndarray, affine: np.ndarray, *, spacing_mm: float, size: Sequence[int],
+                 reference: np.ndarray | None = None) -> dict[str, float]:
+    """The best score any model on a ``spacing_mm`` grid can reach against the reference.
+
+    The reference itself, one-hot, is carried onto the model's grid exactly as a scan is (anti-aliased,
+    trilinear) and back exactly as a prediction is (class probabilities trilinear, argmax), then
+    scored against itself: what is lost is what the grid cannot hold (a grey-matter ribbon thinner
+    than a voxel, partial volume at every border). A model's score is to be read against this bar.
+    """
+    from client_agent.spacing import anti_alias, grid_around, resample_to_grid
+
+    labels = reference if reference is not None else reference_segmentation(image)
+    grid = grid_around(image, affine, spacing_mm=spacing_mm, size=size)
+    probs = np.stack([resample_to_grid(anti_alias((labels == c).astype(np.float32), affine, spacing_mm), affine, grid,
+                                       order=1) for c in range(len(CLASS_NAMES) + 1)])
+    return score_segmentation(from_model_grid(probs, grid, shape=image.shape, affine=affine), labels)
+
+
 if __name__ == "__main__":
     import argparse
     import json
 
     parser = argparse.ArgumentParser(description="real-scan reference checks")
     parser.add_argument("--calibrate", action="store_true", help="template labels vs the reference on the template")
-    if parser.parse_args().calibrate:
+    parser.add_argument("--ceiling", action="store_true",
+                        help="each installed scan's reference carried onto a 4, 3 and 2 mm model grid and back")
+    args = parser.parse_args()
+    if args.calibrate:
         print(json.dumps(calibrate_on_template(), indent=1))
+    if args.ceiling:
+        for scan in available_real_scans():
+            image, affine = load_scan(scan.path)
+            reference = reference_segmentation(image, name=str(scan.path))
+            for spacing, size in ((4.0, 48), (3.0, 64), (2.0, 96)):
+                line = {"scan": scan.name, "spacing_mm": spacing, "size": size,
+                        **grid_ceiling(image, affine, spacing_mm=spacing, size=[size] * 3, reference=reference)}
+                print(json.dumps(line), flush=True)

@@ -49,6 +49,18 @@ def test_scores_are_dice_per_class_and_of_the_brain_mask() -> None:
     assert scores["GM_WM_mean"] == pytest.approx((2 / 3 + 0.5) / 2)
 
 
+def test_the_grid_ceiling_is_exact_at_the_scans_own_spacing_and_falls_on_coarser_grids() -> None:
+    image, truth = _phantom_scan()
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    own = realscan.grid_ceiling(image, affine, spacing_mm=1.0, size=[40] * 3, reference=truth)
+    assert min(own["brain"], own["CSF"], own["GM"], own["WM"]) > 0.999
+    ceilings = [realscan.grid_ceiling(image, affine, spacing_mm=s, size=[int(np.ceil(40 / s))] * 3, reference=truth)
+                for s in (2.0, 4.0)]
+    # The 3-voxel CSF shell cannot be held by 4 mm voxels; the ceiling falls as the grid coarsens.
+    assert own["CSF"] > ceilings[0]["CSF"] > ceilings[1]["CSF"]
+    assert ceilings[1]["brain"] > 0.9
+
+
 def test_a_real_network_segments_a_scan_in_lps_at_1x1x4_mm_onto_its_own_grid() -> None:
     from model import build_model
 
