@@ -148,6 +148,9 @@ def _worker(rank: int, job: _Job) -> None:
                 "epoch_losses": result.epoch_losses, "steps": result.steps,
                 "volumes": result.volumes * job.world_size, "seconds": result.seconds,
             }))
+        # Every rank leaves the group together: a rank that tore gloo down while rank 0 was still
+        # writing the weights aborted once in CI ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
