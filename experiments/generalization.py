@@ -53,8 +53,6 @@ def finish_generalization(out: Path, runs: Mapping[str, Mapping[str, Any]], summ
     models: dict[str, str] = {}
     config_path: str | None = None
     real: dict[str, dict[str, dict[str, float]]] = {}
-    names = {"centralized": "centralized", "fedavg_dense": "fedavg", "fedsegnet": "fedsegnet",
-             "fedsegnet_warmup": "fedsegnet", "fedsegnet_short": "fedsegnet"}
     for method, record in runs.items():
         final = record.get("final_model")
         if not final:
@@ -63,11 +61,13 @@ def finish_generalization(out: Path, runs: Mapping[str, Mapping[str, Any]], summ
         sim_toml = model_path.parent.parent / "sim.toml"
         federation_toml = model_path.parent.parent / "federation.toml"
         sim, federation, _ = load_simulation_config(sim_toml)
-        models[names.get(method, method)] = _relative(model_path)
+        # summary.json names a model by its method's family (centralized, fedavg, fedsegnet), whichever
+        # variant of it the experiment runs: `fedsegnet_short` -> "fedsegnet".
+        tag = method.split("_")[0]
+        models[tag] = _relative(model_path)
         config_path = _relative(federation_toml)
         if not scans:
             continue
-        tag = names.get(method, method)
         scored = record.get("real_scans") or {}
         if all(s.name in scored for s in scans):
             # fedseg simulate scored its final model already; its figures are in the run's folder.
